@@ -1,0 +1,7 @@
+"""Lightning callbacks implementing LongAct; each works in any Lightning project."""
+
+from longact_lightning.callbacks.activation_saliency import ActivationSaliency
+from longact_lightning.callbacks.gradient_row_mask import GradientRowMask
+from longact_lightning.callbacks.longact import LongAct
+
+__all__ = ["ActivationSaliency", "GradientRowMask", "LongAct"]

@@ -1,0 +1,330 @@
+"""The RL LightningModule: one rollout batch in, ``ppo_epochs`` optimizer steps out.
+
+The module owns the policy (``self.policy``, a ``transformers.PreTrainedModel``: the LongAct callbacks find it there),
+an optional frozen reference model, the loss and the optimizer. Rollouts come from the DataModule, which generates
+them lazily with the current weights; the module therefore asks for its batch itself (``training_step(dataloader_iter)``)
+so Lightning does not prefetch — and generate — the next batch before this step's update has happened.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import ParallelStrategy
+from typing_extensions import override
+
+from longact_lightning.models import load_causal_lm, load_tokenizer
+from longact_lightning.rl.advantages import StdScaling, group_advantages
+from longact_lightning.rl.logprobs import completion_logprobs
+from longact_lightning.rl.losses import Aggregation, KLEstimator, LossConfig, LossType, policy_loss, step_denominator
+from longact_lightning.rollout.batch import RolloutBatch
+
+
+class RLPolicyModule(pl.LightningModule):
+    """GRPO-family policy optimisation of a HF causal LM with manual optimisation.
+
+    Per rollout batch: advantages from the group rewards; reference log-probs (when ``beta > 0``) and, for
+    ``ppo_epochs > 1``, the old log-probs, both without gradient before the first update; then ``ppo_epochs`` passes
+    over the batch in micro-batches, each pass accumulating gradients and ending in one ``optimizer.step()``. The loss
+    normaliser counts the whole step (all micro-batches, all ranks), so micro-batching and data parallelism do not
+    change the loss (DAPO's token-level mean in particular).
+
+    The policy is built in ``__init__`` rather than ``configure_model``: callbacks (saliency profiling, row masks) look
+    for the HF model in their ``setup`` hook, which Lightning runs *before* ``configure_model``. The cost is that each
+    rank materialises the full model before sharding, which is what ``from_pretrained`` does anyway.
+
+    Args:
+        model: HF model directory, hub id, or ``"smollm2-135m-instruct"`` (the embedded model).
+        tokenizer: tokenizer name or path; ``None`` uses ``model``'s. Only saved next to exports.
+        dtype: dtype the weights are loaded in (``"float32"``, ``"bfloat16"``, ``"float16"``). Mixed precision is
+            Lightning's ``Trainer(precision=...)``.
+        loss_type: ``grpo`` | ``dapo`` | ``dr_grpo`` | ``gspo`` | ``kl_cov`` | ``clip_cov``.
+        clip_eps_low: lower clip range ``1 - eps_low``; ``None`` = the loss type's default (0.2; GSPO 3e-4).
+        clip_eps_high: upper clip range ``1 + eps_high``; ``None`` = default (0.2; DAPO 0.28; GSPO 4e-4).
+        clip_ratio_c: dual-clip bound (> 1, verl uses 3.0) for negative advantages; ``None`` disables it.
+        aggregation: override the loss type's aggregation (``seq_mean_token_mean`` | ``token_mean`` |
+            ``seq_mean_token_sum_norm``).
+        max_completion_length: Dr.GRPO's constant ``L_max``; set it to the rollout's max tokens.
+        beta: KL-to-reference coefficient; > 0 loads a frozen reference copy of ``model``.
+        kl_estimator: ``k1`` | ``k2`` | ``k3`` estimator of the KL term (also logged as ``train/kl``).
+        entropy_coef: entropy bonus weight (0 = entropy is only logged).
+        kl_cov_ratio: KL-Cov: fraction of tokens penalised (0.002 = the 7B recipe).
+        kl_cov_coef: KL-Cov: coefficient on ``|log pi - log pi_old|``.
+        clip_cov_ratio: Clip-Cov: fraction of tokens detached.
+        clip_cov_lb: Clip-Cov: lower covariance bound of candidates.
+        clip_cov_ub: Clip-Cov: upper covariance bound of candidates.
+        tis_cap: cap of the truncated importance weight between trainer and engine log-probs; ``None`` = off.
+        advantage_std: ``group`` | ``batch`` | ``none`` std scaling; ``None`` = ``none`` for Dr.GRPO, else ``group``.
+        advantage_eps: epsilon added to the std.
+        leave_one_out: use the leave-one-out mean as the baseline (RLOO).
+        temperature: the rollout's sampling temperature; logits are divided by it before scoring.
+        lr: AdamW learning rate.
+        weight_decay: AdamW decoupled weight decay.
+        betas: AdamW betas.
+        ppo_epochs: optimizer steps per rollout batch (mu >= 1); with 1 the old log-probs equal the current ones.
+        micro_batch_size: sequences per forward/backward pass.
+        max_grad_norm: clip the global gradient norm to this in ``on_before_optimizer_step``; ``None`` = no clipping.
+        gradient_checkpointing: recompute activations in the backward pass (HF gradient checkpointing).
+        export_dir: where to write the HF-format policy at the end of fit (``None`` = no export).
+        export_every_n_steps: also export every N optimizer steps to ``export_dir/step_XXXXXX``.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        tokenizer: str | None = None,
+        dtype: str = "float32",
+        loss_type: LossType = "grpo",
+        clip_eps_low: float | None = None,
+        clip_eps_high: float | None = None,
+        clip_ratio_c: float | None = None,
+        aggregation: Aggregation | None = None,
+        max_completion_length: int | None = None,
+        beta: float = 0.0,
+        kl_estimator: KLEstimator = "k3",
+        entropy_coef: float = 0.0,
+        kl_cov_ratio: float = 2e-3,
+        kl_cov_coef: float = 1.0,
+        clip_cov_ratio: float = 2e-4,
+        clip_cov_lb: float = 1.0,
+        clip_cov_ub: float = 5.0,
+        tis_cap: float | None = None,
+        advantage_std: StdScaling | None = None,
+        advantage_eps: float = 1e-6,
+        leave_one_out: bool = False,
+        temperature: float = 1.0,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        ppo_epochs: int = 1,
+        micro_batch_size: int = 4,
+        max_grad_norm: float | None = 1.0,
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+        export_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.loss_config = LossConfig(
+            loss_type=loss_type,
+            clip_eps_low=clip_eps_low,
+            clip_eps_high=clip_eps_high,
+            clip_ratio_c=clip_ratio_c,
+            aggregation=aggregation,
+            max_completion_length=max_completion_length,
+            beta=beta,
+            kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef,
+            kl_cov_ratio=kl_cov_ratio,
+            kl_cov_coef=kl_cov_coef,
+            clip_cov_ratio=clip_cov_ratio,
+            clip_cov_lb=clip_cov_lb,
+            clip_cov_ub=clip_cov_ub,
+            tis_cap=tis_cap,
+        )
+        _validate_training_args(
+            advantage_std, advantage_eps, temperature, lr, weight_decay, betas, ppo_epochs, micro_batch_size,
+            max_grad_norm, export_dir, export_every_n_steps,
+        )  # fmt: skip
+        self.advantage_std: StdScaling = advantage_std or ("none" if loss_type == "dr_grpo" else "group")
+
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.policy = load_causal_lm(model, dtype=dtype)
+        self.policy.config.use_cache = False
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reference = None
+        if beta > 0:
+            reference = load_causal_lm(model, dtype=dtype).eval().requires_grad_(False)
+        # Deliberately not a registered submodule: the frozen reference is rebuilt from `model`, so it stays out of
+        # checkpoints, the optimizer, DDP/FSDP wrapping and the callbacks' search for the trainable HF model.
+        object.__setattr__(self, "reference", reference)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad],
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            betas=tuple(self.hparams.betas),
+        )
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(device=self.device, dtype=self.policy.dtype)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if callable(getattr(datamodule, "connect", None)):
+            datamodule.connect(self.policy, lambda: self.trainer.global_step)
+
+    @override
+    def training_step(self, dataloader_iter: Iterator[tuple[RolloutBatch, int, int]]) -> None:
+        start = time.perf_counter()
+        batch, _, _ = next(dataloader_iter)  # pulled here, after the previous update: the rollouts are on-policy
+        batch = batch.to(self.device)
+        hp = self.hparams
+        mask = batch.completion_mask.float()  # [B, C]
+        advantages = group_advantages(
+            batch.rewards, batch.group_ids, self.advantage_std, hp.advantage_eps, hp.leave_one_out
+        )  # [B]
+        chunks = [slice(i, i + hp.micro_batch_size) for i in range(0, len(batch), hp.micro_batch_size)]
+        aggregation = self.loss_config.resolved_aggregation
+        local = step_denominator(mask, aggregation, self.loss_config.max_completion_length).to(self.device)
+        denominator = float(self.trainer.strategy.reduce(local, reduce_op="sum").clamp(min=1))
+        # DDP/FSDP average gradients over ranks; the loss already divides by the global count, so undo the average.
+        scale = float(self.trainer.world_size)
+
+        with torch.no_grad():
+            ref_logprobs = self._score(self.reference, batch, chunks) if self.reference is not None else None
+            old_logprobs = self._score(self.policy, batch, chunks) if hp.ppo_epochs > 1 else None
+
+        optimizer = self.optimizers()
+        sums: dict[str, float] = {}
+        tokens_seen = 0.0
+        step_loss = 0.0
+        for _ in range(hp.ppo_epochs):
+            optimizer.zero_grad()
+            for k, chunk in enumerate(chunks):
+                micro = batch.select(chunk)
+                with self._no_sync_unless(k == len(chunks) - 1):
+                    logprobs, entropy = completion_logprobs(
+                        self.policy, micro.input_ids, micro.attention_mask, mask.shape[1], hp.temperature
+                    )  # [b, C], [b, C]
+                    loss, metrics = policy_loss(
+                        logprobs,
+                        old_logprobs[chunk] if old_logprobs is not None else logprobs.detach(),
+                        advantages[chunk],
+                        mask[chunk],
+                        self.loss_config,
+                        denominator,
+                        ref_logprobs=ref_logprobs[chunk] if ref_logprobs is not None else None,
+                        entropy=entropy,
+                        engine_logprobs=micro.engine_logprobs,
+                    )
+                    self.manual_backward(loss * scale)
+                micro_tokens = float(mask[chunk].sum())
+                metrics["entropy"] = (entropy.detach() * mask[chunk]).sum() / max(micro_tokens, 1.0)
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
+                tokens_seen += micro_tokens
+                step_loss += float(loss.detach())
+            optimizer.step()
+            self._maybe_export_periodically()
+
+        self._log_step(batch, sums, tokens_seen, step_loss / hp.ppo_epochs, time.perf_counter() - start)
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning runs the callbacks' hook first (the LongAct row mask zeroes frozen rows there), then this one, so
+        # the norm is that of the gradient that is actually applied. Manual optimisation gets no automatic clipping.
+        if self.hparams.max_grad_norm is None:
+            return
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
+        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False, batch_size=1)
+
+    @override
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir is not None:
+            self.export(Path(self.hparams.export_dir))
+
+    def export(self, directory: Path) -> None:
+        """Write the policy and tokenizer in HF format (transformers and vLLM load it); rank zero writes."""
+        if self.trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.policy.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+        self.trainer.strategy.barrier("rl_export")
+
+    def _maybe_export_periodically(self) -> None:
+        every = self.hparams.export_every_n_steps
+        if every is not None and self.global_step % every == 0:
+            self.export(Path(self.hparams.export_dir) / f"step_{self.global_step:06d}")
+
+    def _score(self, model: torch.nn.Module, batch: RolloutBatch, chunks: list[slice]) -> torch.Tensor:
+        """Log-probs of the whole batch under ``model``, micro-batch by micro-batch.  # [B, C]"""
+        completion_length = batch.completion_mask.shape[1]
+        parts = [
+            completion_logprobs(
+                model,
+                batch.input_ids[chunk],
+                batch.attention_mask[chunk],
+                completion_length,
+                self.hparams.temperature,
+                with_entropy=False,
+            )[0]
+            for chunk in chunks
+        ]
+        return torch.cat(parts)
+
+    def _no_sync_unless(self, sync: bool) -> Any:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
+        strategy = self.trainer.strategy
+        if sync or not isinstance(strategy, ParallelStrategy):
+            return nullcontext()
+        return strategy.block_backward_sync()
+
+    def _log_step(
+        self, batch: RolloutBatch, sums: dict[str, float], tokens: float, loss: float, seconds: float
+    ) -> None:
+        completion_lengths = batch.attention_mask[:, batch.prompt_length :].sum(-1).float()  # [B]
+        values: dict[str, float | torch.Tensor] = {
+            f"train/{name}": total / max(tokens, 1.0) for name, total in sums.items()
+        }
+        values["train/reward_mean"] = batch.rewards.float().mean()
+        values["train/reward_std"] = batch.rewards.float().std() if len(batch) > 1 else 0.0
+        values["train/completion_length"] = completion_lengths.mean()
+        values["train/truncated_ratio"] = batch.truncated.float().mean()
+        values["train/tokens_per_s"] = float(batch.attention_mask.sum()) / max(seconds, 1e-9)
+        if batch.correct is not None:
+            values["train/accuracy"] = batch.correct.float().mean()
+        self.log_dict(values, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(batch))
+        # each rank's loss is its share of the global loss, so the global value is the sum
+        self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum", prog_bar=True)
+
+
+def _validate_training_args(
+    advantage_std: str | None,
+    advantage_eps: float,
+    temperature: float,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    ppo_epochs: int,
+    micro_batch_size: int,
+    max_grad_norm: float | None,
+    export_dir: str | None,
+    export_every_n_steps: int | None,
+) -> None:
+    """Reject bad arguments before any model is loaded, naming the value and the fix."""
+    if advantage_std not in (None, "group", "batch", "none"):
+        raise ValueError(f"advantage_std={advantage_std!r} is not supported; use 'group', 'batch', 'none' or None.")
+    if advantage_eps < 0:
+        raise ValueError(f"advantage_eps={advantage_eps} must be >= 0 (1e-6 is usual).")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0; set it to the rollout's sampling temperature.")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr={lr} must be a positive finite number (1e-6 is typical for full RL fine-tuning).")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay} must be >= 0.")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas={betas} must be two numbers in [0, 1), e.g. (0.9, 0.999).")
+    if ppo_epochs < 1:
+        raise ValueError(f"ppo_epochs={ppo_epochs} must be >= 1 (optimizer steps per rollout batch).")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1 (sequences per forward pass).")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0, or None to disable clipping.")
+    if export_every_n_steps is not None:
+        if export_every_n_steps < 1:
+            raise ValueError(f"export_every_n_steps={export_every_n_steps} must be >= 1, or None.")
+        if export_dir is None:
+            raise ValueError(f"export_every_n_steps={export_every_n_steps} needs export_dir; set export_dir too.")
