@@ -211,9 +211,10 @@ class ActivationSaliency(Callback):
                 return
             self._counted[module_name] = self._forward_id
             mask = self._token_mask if self._token_mask is not None and self._token_mask.shape == output.shape[:-1] else None
-            for proj in projs:
-                rows = proj.rows.to(output.device)
-                self.stats[self._key(proj)].update(output.index_select(-1, rows), mask)
+            with torch.no_grad():  # nothing here may enter the autograd graph (checkpoint recompute compares it)
+                for proj in projs:
+                    rows = proj.rows.to(output.device)
+                    self.stats[self._key(proj)].update(output.detach().index_select(-1, rows), mask)
 
         return hook
 

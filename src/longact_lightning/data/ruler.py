@@ -120,11 +120,7 @@ TASKS: dict[str, RulerTask] = {
     "niah_multivalue_noise": RulerTask("niah", 128, False, NiahConfig("noise", "words", "numbers", num_v=4)),
     "niah_multiquery_noise": RulerTask("niah", 128, False, NiahConfig("noise", "words", "numbers", num_k=4, num_q=4)),
 }
-_NOT_OFFLINE = {
-    **{name: f"{name}_noise" for name in ("niah_single_2", "niah_single_3", "niah_multikey_1")},
-    "niah_multivalue": "niah_multivalue_noise",
-    "niah_multiquery": "niah_multiquery_noise",
-}
+_ESSAY_TASKS = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
 
 
 # --- Generators ---------------------------------------------------------------------------------------------------
@@ -175,10 +171,15 @@ def _draw_distinct(rng: random.Random, kind: str, count: int, exclude: set[str] 
     return drawn
 
 
-def _binary_size(measure: Measure, budget: int, incremental: int, probe: int, upper: Callable[[float], int]) -> int | None:
+def binary_search_size(measure: Measure, budget: int, incremental: int, probe: int, upper: Callable[[float], int]) -> int | None:
     """RULER's binary search: the largest size whose prompt fits ``budget``, or ``None`` if ``incremental`` does not.
 
-    ``upper`` turns the probe's tokens-per-unit estimate into the search's upper bound.
+    Args:
+        measure: prompt tokens at a given size.
+        budget: the most prompt tokens allowed (target length minus ``tokens_to_generate``).
+        incremental: the smallest size tried (RULER's ``incremental``, also the retry step).
+        probe: size whose tokens-per-unit estimate sets the upper bound.
+        upper: turns that estimate into the upper bound of the search.
     """
     lower, high = incremental, upper(measure(probe) / probe)
     best = None
@@ -189,6 +190,18 @@ def _binary_size(measure: Measure, budget: int, incremental: int, probe: int, up
         else:
             high = mid - 1
     return best
+
+
+def linear_search_size(measure: Measure, budget: int, start: int, step: int) -> int | None:
+    """RULER's search for fwe: grow by ``step`` while the prompt is under ``budget``, then step back once.
+
+    Coarser than the binary search (``step`` is 1/32 of the budget), kept because fwe's official lengths come from it.
+    """
+    size = start
+    while measure(size) < budget:
+        size += step
+    size -= step
+    return size if size > 0 else None
 
 
 def _line_upper(budget: int, incremental: int) -> Callable[[float], int]:
@@ -237,7 +250,7 @@ class _Niah:
         )
 
     def initial_size(self, measure: Measure, budget: int) -> int | None:
-        return _binary_size(measure, budget, self.incremental, self.incremental, _line_upper(budget, self.incremental))
+        return binary_search_size(measure, budget, self.incremental, self.incremental, _line_upper(budget, self.incremental))
 
 
 class _VariableTracking:
@@ -303,7 +316,7 @@ class _VariableTracking:
         return icl.replace(self.ICL_VALUE, value)
 
     def initial_size(self, measure: Measure, budget: int) -> int | None:
-        return _binary_size(measure, budget, self.incremental, self.incremental, _line_upper(budget, self.incremental))
+        return binary_search_size(measure, budget, self.incremental, self.incremental, _line_upper(budget, self.incremental))
 
 
 class _CommonWords:
@@ -345,7 +358,7 @@ class _CommonWords:
 
     def initial_size(self, measure: Measure, budget: int) -> int | None:
         cap = len(self.vocabulary)
-        best = _binary_size(
+        best = binary_search_size(
             measure, budget, self.incremental, self.PROBE, lambda per_word: min(int(budget // per_word) * 2, cap)
         )
         if best == cap:
@@ -357,10 +370,10 @@ class _CommonWords:
 
 
 def zeta(s: float) -> float:
-    """Riemann zeta for ``s > 1`` (Euler–Maclaurin, ~1e-15 relative), RULER's fwe normaliser, without scipy."""
+    """Riemann zeta for ``s > 1`` (Euler–Maclaurin, ~1e-16 relative), RULER's fwe normaliser, without scipy."""
     if s <= 1:
         raise ValueError(f"zeta(s) needs s > 1, got {s}; fwe's alpha must be > 1.")
-    n = 10
+    n = 20
     head = sum(k**-s for k in range(1, n))
     tail = n ** (1 - s) / (s - 1) + n**-s / 2
     # Bernoulli corrections B2/2!, B4/4!, B6/6!, B8/8! with the rising factorials of s.
@@ -398,12 +411,7 @@ class _FrequentWords:
         )
 
     def initial_size(self, measure: Measure, budget: int) -> int | None:
-        """RULER's linear search for fwe: grow by ``budget // 32`` words while under budget, then step back once."""
-        size = budget // 6
-        while measure(size) < budget:
-            size += self.incremental
-        size -= self.incremental
-        return size if size > 0 else None
+        return linear_search_size(measure, budget, start=budget // 6, step=self.incremental)
 
 
 # --- The source ---------------------------------------------------------------------------------------------------
@@ -438,10 +446,10 @@ class RulerSource(PromptSource):
         seed: int = 42,
         chat_template: bool = True,
     ) -> None:
-        if task in _NOT_OFFLINE:
+        if task in _ESSAY_TASKS:
             raise ValueError(
                 f"RULER task {task!r} needs the Paul Graham essay haystack, which is not shipped; use "
-                f"{_NOT_OFFLINE[task]!r} (same needles on the noise haystack, labelled non-official)."
+                f"{task + '_noise'!r} (same needles on the noise haystack, labelled non-official)."
             )
         if task not in TASKS:
             raise ValueError(f"Unknown RULER task {task!r}; valid tasks: {sorted(TASKS)}.")
@@ -508,14 +516,14 @@ class RulerSource(PromptSource):
         self._plan = (generator, size)
         return self._plan
 
-    def _measure(self, generator: _Generator, rng_template: random.Random, chat_template: bool | None = None) -> Measure:
-        state = rng_template.getstate()
+    def _measure(self, generator: _Generator, rng: random.Random) -> Measure:
+        """Every probe draws from the same RNG state, so sizes compare like for like."""
+        state = rng.getstate()
 
         def measure(size: int) -> int:
-            rng = random.Random()
             rng.setstate(state)
             sample = generator.sample(rng, size)
-            return self.count_tokens(sample.prompt, sample.answer_prefix, chat_template)
+            return self.count_tokens(sample.prompt, sample.answer_prefix)
 
         return measure
 
@@ -540,7 +548,8 @@ class RulerSource(PromptSource):
             sample, _ = plain.icl_sample(rng, size)
             return self.count_tokens(sample.prompt, sample.answer_prefix, chat_template=False)
 
-        size = _binary_size(measure, plain.ICL_LENGTH, plain.incremental, plain.incremental, _line_upper(500, 5))
+        upper = _line_upper(plain.ICL_LENGTH, plain.incremental)
+        size = binary_search_size(measure, plain.ICL_LENGTH, plain.incremental, plain.incremental, upper)
         rng.setstate(state)
         example, names = plain.icl_sample(rng, size)
         icl = example.prompt + example.answer_prefix + " " + " ".join(names) + "\n"

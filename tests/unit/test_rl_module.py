@@ -1,0 +1,259 @@
+"""RLPolicyModule on tiny random-init Llama models: gradient of the DAPO path, on-policy batch pulling, clipping order,
+argument validation, and a seeded learning test (reward of "emit token X" rises) with LongAct off and on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from longact_lightning.rl.module import RLPolicyModule
+from longact_lightning.rollout.base import Rollout
+from longact_lightning.rollout.batch import RolloutBatch
+
+TOKENIZER = "smollm2-135m-instruct"  # only saved next to exports; the tiny models ignore it
+VOCAB, TARGET, EOS, PAD = 128, 7, 2, 0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def _trainer(max_steps: int, callbacks=()) -> Trainer:
+    return Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+class _FixedBatches(LightningDataModule):
+    """Serves pre-built batches and records the optimizer step at which each one was pulled."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+        self.pulled_at_step: list[int] = []
+        self.connected = None
+
+    def connect(self, policy, global_step):
+        self.connected = policy
+        self.global_step = global_step
+
+    def train_dataloader(self):
+        datamodule = self
+
+        class Stream(IterableDataset):
+            def __iter__(self):
+                for batch in datamodule.batches:
+                    datamodule.pulled_at_step.append(datamodule.global_step())
+                    yield batch
+
+        return DataLoader(Stream(), batch_size=None)
+
+
+def _random_batch(seed: int, groups: int = 2, group_size: int = 3) -> RolloutBatch:
+    g = torch.Generator().manual_seed(seed)
+    rollouts, rewards = [], []
+    for _ in range(groups):
+        prompt_len = int(torch.randint(2, 6, (1,), generator=g))
+        prompt = tuple(torch.randint(3, VOCAB, (prompt_len,), generator=g).tolist())
+        group = []
+        for _ in range(group_size):
+            length = int(torch.randint(1, 6, (1,), generator=g))
+            group.append(Rollout(prompt, tuple(torch.randint(3, VOCAB, (length,), generator=g).tolist()), None, "stop"))
+        rollouts.append(group)
+        rewards.append(torch.rand(group_size, generator=g).tolist())
+    return RolloutBatch.from_groups(rollouts, rewards, pad_token_id=PAD)
+
+
+def test_dapo_gradient_equals_independent_full_logits_formula(tiny_model_dir):
+    """One DAPO step, micro-batched (2 + 2 + 2), against -(1/N) sum_{i,t} A_i grad log pi(y_it), from full logits."""
+    batch = _random_batch(seed=1)
+    module = RLPolicyModule(
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", micro_batch_size=2, max_grad_norm=None, lr=1e-3
+    )
+    reference = LlamaForCausalLM.from_pretrained(tiny_model_dir)  # same weights, independent forward
+
+    captured = {}
+
+    class Capture(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            captured.update({n: p.grad.clone() for n, p in pl_module.policy.named_parameters()})
+
+    _trainer(1, [Capture()]).fit(module, datamodule=_FixedBatches([batch]))
+
+    # independent formula: full [B, T, V] logits, no logits_to_keep, no micro-batching, plain advantages
+    rewards, groups = batch.rewards, batch.group_ids
+    adv = torch.empty_like(rewards)
+    for gid in groups.unique():
+        r = rewards[groups == gid]
+        adv[groups == gid] = (r - r.mean()) / (r.std() + 1e-6)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions).logits
+    P = batch.prompt_length
+    logp = torch.log_softmax(logits[:, P - 1 : -1].float(), -1).gather(-1, batch.completion_ids[..., None])[..., 0]
+    m = batch.completion_mask
+    # at ratio 1 (first and only epoch), grad of -A * r equals grad of -A * log pi
+    (-(adv[:, None] * logp * m).sum() / m.sum()).backward()
+
+    assert captured, "the optimizer step never ran"
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(captured[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_batches_are_pulled_only_after_the_previous_optimizer_step(tiny_model_dir):
+    """`training_step(dataloader_iter)` => no prefetch: batch k is generated when global_step == k (on-policy)."""
+    datamodule = _FixedBatches([_random_batch(seed=s) for s in range(3)])
+    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="grpo", micro_batch_size=4, lr=1e-3)
+    _trainer(3).fit(module, datamodule=datamodule)
+    assert datamodule.connected is module.policy
+    assert datamodule.pulled_at_step == [0, 1, 2]
+
+
+def test_ppo_epochs_give_one_optimizer_step_each_and_use_old_logprobs(tiny_model_dir):
+    datamodule = _FixedBatches([_random_batch(seed=s) for s in range(2)])
+    module = RLPolicyModule(
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", ppo_epochs=3, micro_batch_size=4, lr=1e-2,
+        beta=0.05,
+    )  # fmt: skip
+    trainer = _trainer(6)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 6 and datamodule.pulled_at_step == [0, 3]
+    # after the first epoch the policy has moved away from the old one, so ratios differ from 1
+    assert trainer.callback_metrics["train/ratio_mean"].item() != pytest.approx(1.0, abs=1e-7)
+    assert trainer.callback_metrics["train/kl"].item() > 0
+    assert module.reference is not None and "reference" not in dict(module.named_children())
+    assert not any(k.startswith("reference") for k in module.state_dict())
+
+
+def test_gradient_clipping_sees_the_callbacks_masked_gradients(tiny_model_dir):
+    """Callbacks' on_before_optimizer_step (the LongAct row mask) runs before the module's clipping."""
+    seen = {}
+
+    class ZeroEmbeddings(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            pl_module.policy.model.embed_tokens.weight.grad.zero_()  # stands in for the row mask
+
+    class Inspect(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            grads = [p.grad for p in pl_module.policy.parameters() if p.grad is not None]
+            seen["norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+            seen["embed"] = pl_module.policy.model.embed_tokens.weight.grad.abs().max().item()
+
+    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", max_grad_norm=1e-4, lr=1e-3)
+    trainer = _trainer(1, [ZeroEmbeddings(), Inspect()])
+    trainer.fit(module, datamodule=_FixedBatches([_random_batch(seed=3)]))
+    assert trainer.callback_metrics["train/grad_norm"].item() > 1e-4  # the pre-clip norm was larger ...
+    assert seen["norm"] == pytest.approx(1e-4, rel=1e-3)  # ... and the applied gradient was clipped to 1e-4
+    assert seen["embed"] == 0.0  # ... without resurrecting the masked gradient
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ppo_epochs": 0}, "ppo_epochs=0 must be >= 1"),
+        ({"micro_batch_size": 0}, "micro_batch_size=0 must be >= 1"),
+        ({"loss_type": "ppo"}, "loss_type='ppo' is not supported"),
+        ({"loss_type": "dr_grpo"}, "max_completion_length=None"),
+        ({"export_every_n_steps": 5}, "needs export_dir"),
+        ({"temperature": 0.0}, "temperature=0.0 must be > 0"),
+        ({"model": "/nonexistent/model"}, "does not exist"),
+    ],
+)
+def test_bad_arguments_fail_early_with_the_value_and_the_fix(tiny_model_dir, kwargs, message):
+    args = {"model": tiny_model_dir, "tokenizer": TOKENIZER, **kwargs}
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        RLPolicyModule(**args)
+
+
+def test_reference_model_is_built_only_when_beta_is_positive(tiny_model_dir):
+    assert RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, beta=0.0).reference is None
+    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, beta=0.1)
+    assert not any(p.requires_grad for p in module.reference.parameters())
+    assert module.reference.training is False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning test: the rule reward "fraction of completion tokens equal to TARGET" must rise, LongAct off and on.
+
+
+class _GenerateOnDemand(LightningDataModule):
+    """A minimal data side: samples G completions per prompt from the *current* policy with `generate`."""
+
+    def __init__(self, steps: int, prompts: int = 4, group_size: int = 8, max_tokens: int = 6):
+        super().__init__()
+        self.steps, self.prompts, self.group_size, self.max_tokens = steps, prompts, group_size, max_tokens
+        self.rewards: list[float] = []
+
+    def connect(self, policy, global_step):
+        self.policy = policy
+
+    def _rollout_batch(self, generator: torch.Generator) -> RolloutBatch:
+        prompts = torch.randint(3, VOCAB, (self.prompts, 4), generator=generator)
+        inputs = prompts.repeat_interleave(self.group_size, 0)
+        with torch.no_grad():
+            out = self.policy.generate(
+                input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=True, top_k=0,
+                max_new_tokens=self.max_tokens, eos_token_id=EOS, pad_token_id=PAD,
+            )  # fmt: skip
+        groups, rewards = [], []
+        for p in range(self.prompts):
+            group, group_rewards = [], []
+            for j in range(self.group_size):
+                completion = out[p * self.group_size + j, inputs.shape[1] :].tolist()
+                stop = EOS in completion
+                completion = completion[: completion.index(EOS) + 1] if stop else completion
+                group.append(Rollout(tuple(prompts[p].tolist()), tuple(completion), None, "stop" if stop else "length"))
+                group_rewards.append(sum(t == TARGET for t in completion) / self.max_tokens)
+            groups.append(group)
+            rewards.append(group_rewards)
+        self.rewards.append(sum(map(sum, rewards)) / (self.prompts * self.group_size))
+        return RolloutBatch.from_groups(groups, rewards, pad_token_id=PAD)
+
+    def train_dataloader(self):
+        datamodule = self
+
+        class Stream(IterableDataset):
+            def __iter__(self):
+                generator = torch.Generator().manual_seed(1234)
+                for _ in range(datamodule.steps):
+                    yield datamodule._rollout_batch(generator)
+
+        return DataLoader(Stream(), batch_size=None)
+
+
+def _longact_callbacks() -> list:
+    try:
+        from longact_lightning.callbacks import LongAct
+    except ImportError:
+        pytest.skip("longact_lightning.callbacks.LongAct is not importable yet")
+    return [LongAct()]
+
+
+@pytest.mark.parametrize("longact", ["off", "on"])
+def test_rule_reward_rises_within_fixed_seeded_steps(tiny_model_dir, longact):
+    steps = 16
+    callbacks = _longact_callbacks() if longact == "on" else []
+    seed_everything(0)
+    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=3e-2, micro_batch_size=32)
+    datamodule = _GenerateOnDemand(steps)
+    _trainer(steps, callbacks).fit(module, datamodule=datamodule)
+    first, last = sum(datamodule.rewards[:4]) / 4, sum(datamodule.rewards[-4:]) / 4
+    assert last > first + 0.2, datamodule.rewards
