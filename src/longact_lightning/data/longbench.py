@@ -1,4 +1,4 @@
-"""LongBench v2 as the official ``pred.py`` / ``result.py`` define it: 0-shot prompt, truncation, extraction, breakdowns.
+"""LongBench v2 as the official ``pred.py`` / ``result.py`` define it: prompt, truncation, extraction, breakdowns.
 
 Scores are comparable with the leaderboard only if every step matches the official scripts, so each function here
 reproduces one of them exactly (THUDM/LongBench @ 2e00731, see ``shared/reference/benchmarks.md`` section 2):

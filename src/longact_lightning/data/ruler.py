@@ -17,6 +17,8 @@ Deliberate differences from the RULER scripts, none of which changes a template 
   on how many retries earlier records needed; RULER draws from one global stream. Same seed, same records.
 * Needle keys are drawn distinct from each other and from distractor keys, and the variable-tracking example's
   value from the real one, so every question has one answer (RULER leaves such collisions to chance).
+* The binary search's upper bound comes from the per-line cost measured by differencing two probes, so fixed costs
+  (template, vt's solved example) cannot cap the haystack below the target (see :func:`_lines_size`).
 * A word key ``adjective-noun`` draws the two words independently, the same distribution as RULER's sampling from
   the full adjective × noun product, without building its 6 M strings.
 * The counted text is the chat-templated user message plus the answer prefix (RULER counts the same text, with the
@@ -32,7 +34,7 @@ import random
 import re
 import string
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -140,7 +142,8 @@ Measure = Callable[[int], int]
 
 
 class _Generator(Protocol):
-    incremental: int
+    incremental: int  # RULER's search start and retry step
+    min_size: int  # the smallest haystack an instance can be built on
 
     def sample(self, rng: random.Random, size: int) -> Sample: ...
 
@@ -162,33 +165,33 @@ def _draw(rng: random.Random, kind: str) -> str:
     return f"{rng.choice(_wordlist('adjectivelist.txt'))}-{rng.choice(_wordlist('nounlist.txt'))}"
 
 
-def _draw_distinct(rng: random.Random, kind: str, count: int, exclude: set[str] = frozenset()) -> list[str]:
+def _draw_distinct(rng: random.Random, kind: str, count: int, exclude: Collection[str] = ()) -> list[str]:
     drawn: list[str] = []
+    seen = set(exclude)
     while len(drawn) < count:
         item = _draw(rng, kind)
-        if item not in exclude and item not in drawn:
+        if item not in seen:
+            seen.add(item)
             drawn.append(item)
     return drawn
 
 
-def binary_search_size(measure: Measure, budget: int, incremental: int, probe: int, upper: Callable[[float], int]) -> int | None:
-    """RULER's binary search: the largest size whose prompt fits ``budget``, or ``None`` if ``incremental`` does not.
+def binary_search_size(measure: Measure, budget: int, lower: int, upper: int) -> int | None:
+    """RULER's binary search: the largest size in ``[lower, upper]`` whose prompt fits ``budget``, else ``None``.
 
     Args:
         measure: prompt tokens at a given size.
         budget: the most prompt tokens allowed (target length minus ``tokens_to_generate``).
-        incremental: the smallest size tried (RULER's ``incremental``, also the retry step).
-        probe: size whose tokens-per-unit estimate sets the upper bound.
-        upper: turns that estimate into the upper bound of the search.
+        lower: the smallest size tried (RULER's ``incremental``).
+        upper: the largest size tried (RULER: 3x, for cwe 2x, the size its tokens-per-unit estimate predicts).
     """
-    lower, high = incremental, upper(measure(probe) / probe)
     best = None
-    while lower <= high:
-        mid = (lower + high) // 2
+    while lower <= upper:
+        mid = (lower + upper) // 2
         if measure(mid) <= budget:
             best, lower = mid, mid + 1
         else:
-            high = mid - 1
+            upper = mid - 1
     return best
 
 
@@ -204,8 +207,16 @@ def linear_search_size(measure: Measure, budget: int, start: int, step: int) -> 
     return size if size > 0 else None
 
 
-def _line_upper(budget: int, incremental: int) -> Callable[[float], int]:
-    return lambda tokens_per_unit: max(int(budget / tokens_per_unit * 3), incremental * 2)
+def _lines_size(measure: Measure, budget: int, incremental: int) -> int | None:
+    """The binary search for haystacks of lines (niah, vt), up to 3x the size the per-line cost predicts.
+
+    The per-line cost is the difference between probes of ``2 * incremental`` and ``incremental`` lines. RULER divides
+    one probe's whole count by its size, which charges the template (and, were it not excluded, vt's 500-token
+    example) to the lines and can leave the upper bound below the answer; differencing cancels fixed costs. Where
+    RULER's bound does not bind, both searches return the same size.
+    """
+    per_line = max((measure(2 * incremental) - measure(incremental)) / incremental, 1.0)
+    return binary_search_size(measure, budget, incremental, max(int(budget / per_line * 3), incremental * 2))
 
 
 class _Niah:
@@ -214,6 +225,7 @@ class _Niah:
     def __init__(self, config: NiahConfig, target_length: int) -> None:
         self.config = config
         self.incremental = 5 if target_length < 4096 else 25
+        self.min_size = config.num_k * config.num_v  # one distinct line position per needle
         single = config.num_q * config.num_v == 1
         self.template = singular(NIAH_TEMPLATE) if single else NIAH_TEMPLATE
         self.answer_prefix = singular(NIAH_ANSWER_PREFIX) if single else NIAH_ANSWER_PREFIX
@@ -250,7 +262,7 @@ class _Niah:
         )
 
     def initial_size(self, measure: Measure, budget: int) -> int | None:
-        return binary_search_size(measure, budget, self.incremental, self.incremental, _line_upper(budget, self.incremental))
+        return _lines_size(measure, budget, self.incremental)
 
 
 class _VariableTracking:
@@ -265,6 +277,7 @@ class _VariableTracking:
 
     def __init__(self, target_length: int, icl: str = "", icl_names: tuple[str, ...] = ()) -> None:
         self.incremental = 5 if target_length < 4096 else 10
+        self.min_size = self.NUM_HOPS + 1  # one distinct line position per chain link
         self.icl = icl
         self.icl_names = icl_names
 
@@ -291,7 +304,7 @@ class _VariableTracking:
         return sample, names
 
     def icl_sample(self, rng: random.Random, size: int) -> tuple[Sample, list[str]]:
-        """The solved example before re-randomisation (RULER sizes it to 500 tokens, bare template, nothing generated)."""
+        """The solved example before re-randomisation (RULER: 500 tokens, bare template, nothing generated)."""
         return self._instance(rng, size, 3, self.ICL_VALUE)
 
     def sample(self, rng: random.Random, size: int) -> Sample:
@@ -316,7 +329,7 @@ class _VariableTracking:
         return icl.replace(self.ICL_VALUE, value)
 
     def initial_size(self, measure: Measure, budget: int) -> int | None:
-        return binary_search_size(measure, budget, self.incremental, self.incremental, _line_upper(budget, self.incremental))
+        return _lines_size(measure, budget, self.incremental)
 
 
 class _CommonWords:
@@ -327,6 +340,7 @@ class _CommonWords:
 
     def __init__(self, target_length: int) -> None:
         self.incremental = 10
+        self.min_size = self.NUM_COMMON
         self.vocabulary = tuple(
             sorted(set(_wordlist("nounlist.txt") + _wordlist("adjectivelist.txt") + _wordlist("verblist.txt")))
         )
@@ -358,9 +372,8 @@ class _CommonWords:
 
     def initial_size(self, measure: Measure, budget: int) -> int | None:
         cap = len(self.vocabulary)
-        best = binary_search_size(
-            measure, budget, self.incremental, self.PROBE, lambda per_word: min(int(budget // per_word) * 2, cap)
-        )
+        per_word = measure(self.PROBE) / self.PROBE
+        best = binary_search_size(measure, budget, self.incremental, min(int(budget // per_word) * 2, cap))
         if best == cap:
             raise ValueError(
                 f"cwe would need more than the {cap} distinct wonderwords words to fill this target length "
@@ -392,6 +405,7 @@ class _FrequentWords:
     def __init__(self, budget: int) -> None:
         self.vocab_size = budget // 50
         self.incremental = budget // 32
+        self.min_size = 1
         if self.vocab_size < 5 or self.incremental < 1:
             raise ValueError(f"fwe needs a larger target_length (prompt budget {budget} tokens gives no word list).")
 
@@ -507,7 +521,7 @@ class RulerSource(PromptSource):
         self.tokenizer = resolve_tokenizer(self.tokenizer)
         budget = self.target_length - self.spec.tokens_to_generate
         generator = self._generator(budget)
-        size = generator.initial_size(self._measure(generator, self._rng("size")), budget)
+        size = generator.initial_size(self._measure(generator.sample, self._rng("size")), budget)
         if size is None:
             raise ValueError(
                 f"target_length={self.target_length} is too small for {self.task}: even the smallest haystack "
@@ -516,14 +530,16 @@ class RulerSource(PromptSource):
         self._plan = (generator, size)
         return self._plan
 
-    def _measure(self, generator: _Generator, rng: random.Random) -> Measure:
-        """Every probe draws from the same RNG state, so sizes compare like for like."""
+    def _measure(
+        self, sample: Callable[[random.Random, int], Sample], rng: random.Random, chat_template: bool | None = None
+    ) -> Measure:
+        """Prompt tokens per haystack size; every probe starts from the same RNG state, so sizes compare fairly."""
         state = rng.getstate()
 
         def measure(size: int) -> int:
             rng.setstate(state)
-            sample = generator.sample(rng, size)
-            return self.count_tokens(sample.prompt, sample.answer_prefix)
+            instance = sample(rng, size)
+            return self.count_tokens(instance.prompt, instance.answer_prefix, chat_template)
 
         return measure
 
@@ -540,18 +556,9 @@ class RulerSource(PromptSource):
     def _variable_tracking(self) -> _VariableTracking:
         """Size and draw the one-shot example first (bare template, 500 tokens, nothing to generate), as RULER does."""
         plain = _VariableTracking(_VariableTracking.ICL_LENGTH)
-        rng = self._rng("icl")
-        state = rng.getstate()
-
-        def measure(size: int) -> int:
-            rng.setstate(state)
-            sample, _ = plain.icl_sample(rng, size)
-            return self.count_tokens(sample.prompt, sample.answer_prefix, chat_template=False)
-
-        upper = _line_upper(plain.ICL_LENGTH, plain.incremental)
-        size = binary_search_size(measure, plain.ICL_LENGTH, plain.incremental, plain.incremental, upper)
-        rng.setstate(state)
-        example, names = plain.icl_sample(rng, size)
+        measure = self._measure(lambda rng, size: plain.icl_sample(rng, size)[0], self._rng("icl"), chat_template=False)
+        size = _lines_size(measure, plain.ICL_LENGTH, plain.incremental)
+        example, names = plain.icl_sample(self._rng("icl"), size)
         icl = example.prompt + example.answer_prefix + " " + " ".join(names) + "\n"
         return _VariableTracking(self.target_length, icl=icl, icl_names=tuple(names))
 
@@ -563,7 +570,7 @@ class RulerSource(PromptSource):
             if num_tokens <= budget:
                 break
             size -= generator.incremental
-            if size < generator.incremental:
+            if size < generator.min_size:
                 raise ValueError(
                     f"{self.task} sample {index} does not fit target_length={self.target_length} even with the "
                     "smallest haystack. Raise target_length."
