@@ -28,7 +28,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from longact_lightning.callbacks import LongAct
+from longact_lightning.callbacks import GradientRowMask, LongAct
+from longact_lightning.callbacks.local_rows import fsdp1_flat_shards
 from longact_lightning.saliency import find_qk_projections
 from longact_lightning.saliency.projections import clean_name
 from tests.conftest import LMModule, random_lm_batches, tiny_model
@@ -49,6 +50,53 @@ class FSDP2LMModule(LMModule):
         fully_shard(self.model, mesh=mesh)
 
 
+class GradCheck(pl.Callback):
+    """After the row mask ran (it comes first in the callbacks), gather each masked parameter's full gradient and
+    check that frozen rows carry exactly zero gradient (so clipping and AdamW moments never see them) while trainable
+    rows got some. The frozen-weight check alone could not see a mask that zeroes the wrong gradient elements: the
+    snapshot/restore would still keep frozen rows exact."""
+
+    def __init__(self, strategy_name: str, row_mask: GradientRowMask) -> None:
+        self.strategy_name, self.row_mask = strategy_name, row_mask
+        self.failures: list[str] = []
+        self.checked = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        params = {clean_name(n): p for n, p in pl_module.named_parameters()}
+        shards = fsdp1_flat_shards(trainer.strategy.model) if self.strategy_name == "fsdp1" else {}
+        for name, mask in sorted(self.row_mask.masks.items()):
+            grad = self._full_grad(params[name], shards.get(id(params[name])))
+            if grad is None:
+                continue
+            self.checked += 1
+            nonzero = (grad != 0).reshape(grad.shape[0], -1).any(dim=1)
+            if nonzero[~mask].any():
+                self.failures.append(f"step {trainer.global_step} {name}: frozen rows have gradient")
+            if mask.any() and not nonzero[mask].any():
+                self.failures.append(f"step {trainer.global_step} {name}: no trainable row has gradient")
+
+    @staticmethod
+    def _full_grad(param: torch.Tensor, shard) -> torch.Tensor | None:
+        import torch.distributed as dist
+
+        grad = param.grad
+        if shard is None:
+            if grad is not None and hasattr(grad, "full_tensor"):
+                return grad.full_tensor()  # FSDP2: every rank holds a DTensor grad, so all join the collective
+            return None if grad is None else grad.detach().clone()
+        # FSDP1: this rank's 1-D piece sits at flattened offset `start` of the full parameter.
+        pieces: list = [None] * dist.get_world_size()
+        local = None if grad is None or shard.numel == 0 else (shard.start, grad.detach().cpu().clone())
+        dist.all_gather_object(pieces, local)
+        pieces = [p for p in pieces if p is not None]
+        if not pieces:
+            return None
+        full = torch.zeros(shard.shape.numel(), dtype=pieces[0][1].dtype)
+        for start, values in pieces:
+            full[start : start + values.numel()] = values
+        return full.reshape(shard.shape)
+
+
 def _strategy(name: str):
     if name == "ddp":
         return "ddp"
@@ -56,12 +104,20 @@ def _strategy(name: str):
         from lightning.pytorch.strategies import FSDPStrategy
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        # Lightning refuses `FSDPStrategy` with accelerator="cpu" (accelerator connector: "requires a GPU
-        # accelerator"), but that check compares `type(strategy) is FSDPStrategy`; torch's FSDP1 itself runs on CPU
-        # with gloo. A trivial subclass therefore exercises exactly the FSDP1 storage (flat `use_orig_params` shards)
-        # that GPU users get, which is what the row masks have to handle.
+        # Lightning 2.6.6 does not run `FSDPStrategy` on CPU, twice over: the accelerator connector raises
+        # "The strategy `fsdp` requires a GPU accelerator" (it checks `type(strategy) is FSDPStrategy`), and
+        # `_setup_model` passes `device_id=root_device.index` (None on CPU), for which torch's FSDP1 raises
+        # "FSDP needs a non-CPU accelerator device". torch's FSDP1 itself runs on CPU/gloo when given
+        # `device_id=torch.device("cpu")`. This test-only subclass does exactly that, so the test exercises the FSDP1
+        # storage GPU users get (flat `use_orig_params` shards), which is what the row masks have to handle.
         class CPUFSDPStrategy(FSDPStrategy):
-            pass
+            def _setup_model(self, model):
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                return FullyShardedDataParallel(
+                    module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                    sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
+                )
 
         return CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True, process_group_backend="gloo")
     if name == "fsdp2":
@@ -85,18 +141,47 @@ def _full_weights(strategy_name: str, trainer: pl.Trainer, module: pl.LightningM
     return out
 
 
-def run(strategy_name: str, out: Path, steps: int) -> None:
+def _explicit_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Seeded random 30 % trainable rows of every matrix and norm of the model, for ``--callback rowmask``.
+
+    Beyond Q/K this covers parameters that FSDP1 splits between ranks mid-parameter (with this model and two ranks,
+    the final norm of the root unit straddles the shard boundary) and ones a rank holds none of.
+    """
+    g = torch.Generator().manual_seed(1234)
+    masks = {}
+    for name, param in model.named_parameters():
+        rows = param.shape[0]
+        mask = torch.zeros(rows, dtype=torch.bool)
+        mask[torch.randperm(rows, generator=g)[: int(0.3 * rows + 0.5)]] = True
+        masks[f"model.{clean_name(name)}"] = mask
+    return masks
+
+
+def _check_rowmask(masks, initial, final, failures: list[str]) -> None:
+    for name, mask in masks.items():
+        key = name.removeprefix("model.")
+        before, after = initial[key], final[key]
+        moved = (after != before).reshape(before.shape[0], -1).any(dim=1)
+        if moved[~mask].any():
+            failures.append(f"{name}: frozen rows {(~mask).nonzero().flatten()[moved[~mask]].tolist()} moved")
+        if not moved[mask].all():
+            failures.append(f"{name}: trainable rows {mask.nonzero().flatten()[~moved[mask]].tolist()} did not move")
+
+
+def run(strategy_name: str, out: Path, steps: int, callback: str = "longact") -> None:
     torch.set_num_threads(1)
     module_cls = FSDP2LMModule if strategy_name == "fsdp2" else LMModule
     module = module_cls(tiny_model(ARCH, seed=0), lr=1e-2, weight_decay=0.1)  # same seed: same init on every rank
     initial = {clean_name(n): p.detach().clone() for n, p in module.model.named_parameters()}
     projections = find_qk_projections(module.model)
     batches = random_lm_batches(2 * steps, batch_size=BATCH_SIZE)
-    longact = LongAct(top_ratio=0.3)
+    explicit = _explicit_masks(module.model) if callback == "rowmask" else {}
+    longact = LongAct(top_ratio=0.3) if callback == "longact" else GradientRowMask(explicit)
+    grad_check = GradCheck(strategy_name, longact.row_mask if callback == "longact" else longact)
     trainer = pl.Trainer(
         strategy=_strategy(strategy_name), accelerator="cpu", devices=2, num_nodes=1, max_steps=steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[longact], use_distributed_sampler=True,
+        callbacks=[longact, grad_check], use_distributed_sampler=True,
     )
     start = time.perf_counter()
     trainer.fit(module, DataLoader(batches, batch_size=None))
@@ -108,6 +193,10 @@ def run(strategy_name: str, out: Path, steps: int) -> None:
                                       "global_step": trainer.global_step, "strategy": type(trainer.strategy).__name__}
     if trainer.global_step != steps:
         failures.append(f"trained {trainer.global_step} steps, expected {steps}")
+    failures += grad_check.failures
+    diagnostics["grad_checks"] = grad_check.checked
+    if grad_check.checked < steps:
+        failures.append(f"only {grad_check.checked} gradient checks ran")
 
     # Storage each rank actually held: proves the test exercised the sharded layout it claims to.
     local_params = {clean_name(n): p for n, p in module.named_parameters()}
@@ -115,6 +204,14 @@ def run(strategy_name: str, out: Path, steps: int) -> None:
     diagnostics["q0_param_type"] = type(q0.data).__name__
     diagnostics["q0_param_shape"] = list(q0.shape)
     diagnostics["q0_local_shape"] = list((q0.data._local_tensor if hasattr(q0.data, "_local_tensor") else q0.data).shape)
+    norm = local_params["model.model.norm.weight"].data
+    diagnostics["final_norm_local_shape"] = list((norm._local_tensor if hasattr(norm, "_local_tensor") else norm).shape)
+
+    if callback == "rowmask":
+        _check_rowmask(explicit, initial, _full_weights(strategy_name, trainer, module), failures)
+        torch.save({"row_masks": longact.masks}, out / f"rank{rank}.pt")
+        (out / f"rank{rank}.json").write_text(json.dumps({"ok": not failures, "failures": failures, **diagnostics}))
+        return
 
     # Saliency hooks fired on every rank and the all-reduced statistics cover every rank's tokens (collect_steps=1:
     # the first batch of each rank; DistributedSampler gives rank r the batches r, r + world, ...).
@@ -173,10 +270,11 @@ def main() -> None:
     parser.add_argument("--strategy", required=True, choices=["ddp", "fsdp1", "fsdp2"])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--callback", default="longact", choices=["longact", "rowmask"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        run(args.strategy, args.out, args.steps)
+        run(args.strategy, args.out, args.steps, args.callback)
     except BaseException:
         rank = os.environ.get("LOCAL_RANK", "0")
         (args.out / f"rank{rank}.error.txt").write_text(traceback.format_exc())

@@ -93,6 +93,7 @@ class ActivationSaliency(Callback):
         self.channel_masks: dict[str, torch.Tensor] = {}
         self.selections = 0
         self._prefix = ""
+        self._model: nn.Module | None = None
         self._collecting = False
         self._token_mask: torch.Tensor | None = None
         self._forward_id = 0
@@ -112,28 +113,20 @@ class ActivationSaliency(Callback):
                     "ActivationSaliency must come before its GradientRowMask in Trainer(callbacks=[...]) so the "
                     "selection is made before the masks are applied; or use LongAct, which orders them itself."
                 )
-        model, self._prefix = _find_hf_model(pl_module, self.model_attr)
-        self.projections = find_qk_projections(model, self.patterns)
-        by_module: dict[str, list[QKProjection]] = {}
-        for proj in self.projections:
-            by_module.setdefault(proj.module_name, []).append(proj)
-            self.stats.setdefault(self._key(proj), ChannelStats(proj.channels))
-        modules = {clean_name(name): module for name, module in model.named_modules()}
-        self._handles.append(model.register_forward_pre_hook(self._capture_token_mask, with_kwargs=True))
-        for module_name, projs in by_module.items():
-            self._handles.append(modules[module_name].register_forward_hook(self._make_hook(module_name, projs)))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not in setup: a module may build its model in configure_model, which runs after the callbacks' setup.
+        self._attach(pl_module)
         if self.channel_masks:  # restored from a checkpoint
-            self._push_masks(pl_module)
+            self._push_masks()
             return
         if self.calibration_data is not None:
             self._calibrate(pl_module)
             if self.collect_steps == 0:
-                self._select(pl_module)
+                self._select()
                 return
-        self._push_masks(pl_module)  # nothing selected yet: every query/key row stays frozen while collecting
+        self._push_masks()  # nothing selected yet: every query/key row stays frozen while collecting
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -148,7 +141,7 @@ class ActivationSaliency(Callback):
     ) -> None:
         step = trainer.global_step
         if self._collecting and self._is_selection_step(step):
-            self._select(pl_module)
+            self._select()
             self._collecting = self._is_collection_step(step + 1)
 
     @override
@@ -198,6 +191,20 @@ class ActivationSaliency(Callback):
 
     # ------------------------------------------------------------------ hooks on the model
 
+    def _attach(self, pl_module: pl.LightningModule) -> None:
+        """Find the model's query/key projections and hook them (once per fit)."""
+        model, self._prefix = _find_hf_model(pl_module, self.model_attr)
+        self._model = model
+        self.projections = find_qk_projections(model, self.patterns)
+        by_module: dict[str, list[QKProjection]] = {}
+        for proj in self.projections:
+            by_module.setdefault(proj.module_name, []).append(proj)
+            self.stats.setdefault(self._key(proj), ChannelStats(proj.channels))
+        modules = {clean_name(name): module for name, module in model.named_modules()}
+        self._handles.append(model.register_forward_pre_hook(self._capture_token_mask, with_kwargs=True))
+        for module_name, projs in by_module.items():
+            self._handles.append(modules[module_name].register_forward_hook(self._make_hook(module_name, projs)))
+
     def _capture_token_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Remember which tokens are real for this forward; the projection hooks read it."""
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -222,7 +229,7 @@ class ActivationSaliency(Callback):
 
     @torch.no_grad()
     def _calibrate(self, pl_module: pl.LightningModule) -> None:
-        model, _ = _find_hf_model(pl_module, self.model_attr)
+        model = self._model
         was_training = model.training
         model.eval()
         self._collecting = True
@@ -234,7 +241,7 @@ class ActivationSaliency(Callback):
             self._collecting = False
             model.train(was_training)
 
-    def _select(self, pl_module: pl.LightningModule) -> None:
+    def _select(self) -> None:
         previous = dict(self.channel_masks)
         for i, proj in enumerate(self.projections):
             key = self._key(proj)
@@ -247,22 +254,18 @@ class ActivationSaliency(Callback):
             units = channel_units(proj.num_heads, proj.head_dim, proj.rotary_dim, self.granularity)
             self.channel_masks[key] = select_channels(self.scores[key], self.top_ratio, self.mode, units=units, generator=generator)
         self.selections += 1
-        self._push_masks(pl_module)
+        self._push_masks()
         self._pending_metrics = self._selection_metrics(previous)
 
-    def _push_masks(self, pl_module: pl.LightningModule) -> None:
+    def _push_masks(self) -> None:
         if self.row_mask is None:
             return
-        weights = dict(pl_module.named_parameters())
-        weight_rows = {
-            proj.weight_name: _global_rows(weights, self._prefix + proj.weight_name) for proj in self.projections
-        }
         channel_masks = {
             # Before the first selection every query/key row is frozen.
             p.key: self.channel_masks.get(self._key(p), torch.zeros(p.channels, dtype=torch.bool))
             for p in self.projections
         }
-        masks = row_masks(self.projections, channel_masks, weight_rows)
+        masks = row_masks(self.projections, channel_masks)
         self.row_mask.set_masks({self._prefix + name: mask for name, mask in masks.items()})
 
     def _reset_stats(self) -> None:
@@ -314,10 +317,3 @@ def _find_hf_model(pl_module: pl.LightningModule, model_attr: str | None) -> tup
         )
     name, model = outermost[0]
     return model, f"{name}." if name else ""
-
-
-def _global_rows(params: Mapping[str, torch.Tensor], name: str) -> int:
-    for param_name, param in params.items():
-        if clean_name(param_name) == name:
-            return param.shape[0]
-    raise KeyError(f"{name!r} is not a parameter of the LightningModule.")

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from longact_lightning.callbacks.local_rows import LocalRows, local_rows
+from longact_lightning.callbacks.local_rows import FlatShard, LocalRows, fsdp1_flat_shards, global_rows, local_rows
 from longact_lightning.saliency.projections import clean_name
 
 
@@ -29,7 +29,9 @@ class GradientRowMask(Callback):
 
     Args:
         masks: ``{parameter name: [rows] bool}`` (True = trainable), names as in the LightningModule's
-            ``named_parameters()``. May be set later with :meth:`set_masks` (``ActivationSaliency`` does).
+            ``named_parameters()`` (FSDP1 wrapper segments removed); rows are those of the full parameter whatever
+            the strategy's storage (see :mod:`longact_lightning.callbacks.local_rows`). May be set later with
+            :meth:`set_masks` (``ActivationSaliency`` does).
 
     Example::
 
@@ -39,6 +41,7 @@ class GradientRowMask(Callback):
     def __init__(self, masks: Mapping[str, torch.Tensor] | None = None) -> None:
         self._masks: dict[str, torch.Tensor] = {}
         self._params: dict[str, torch.nn.Parameter] = {}
+        self._flat_shards: dict[int, FlatShard] = {}  # FSDP1 only: where each rank's 1-D view sits
         self._frozen: dict[str, LocalRows] = {}
         self._optimizers: list[torch.optim.Optimizer] = []
         self._handles: list[RemovableHandle] = []
@@ -78,6 +81,8 @@ class GradientRowMask(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._params = {clean_name(name): param for name, param in pl_module.named_parameters()}
+        # FSDP1 wraps the LightningModule itself, so its outermost unit is only reachable through the strategy.
+        self._flat_shards = fsdp1_flat_shards(getattr(getattr(trainer, "strategy", None), "model", None) or pl_module)
         self._resolve()
         self._optimizers = list(trainer.optimizers)
         for optimizer in self._optimizers:
@@ -124,12 +129,14 @@ class GradientRowMask(Callback):
         frozen = {}
         for name, mask in self._masks.items():
             param = self._params[name]
-            if mask.shape[0] != param.shape[0]:
+            flat_shard = self._flat_shards.get(id(param))
+            rows_total = global_rows(param, flat_shard)  # FSDP1 shows a 1-D shard: compare with the full shape
+            if mask.shape[0] != rows_total:
                 raise ValueError(
-                    f"Mask for {name!r} has {mask.shape[0]} rows but the parameter has {param.shape[0]}; "
+                    f"Mask for {name!r} has {mask.shape[0]} rows but the parameter has {rows_total}; "
                     "masks must cover dimension 0 (output rows) exactly."
                 )
-            rows = local_rows(param, ~mask)
+            rows = local_rows(param, ~mask, flat_shard)
             if rows.index.numel():
                 frozen[name] = rows
         self._frozen = frozen
@@ -147,7 +154,7 @@ class GradientRowMask(Callback):
                 if not bool(frozen_now.any()):
                     continue
                 param = self._params[name]
-                rows = local_rows(param, frozen_now)
+                rows = local_rows(param, frozen_now, self._flat_shards.get(id(param)))
                 for optimizer in self._optimizers:
                     for value in optimizer.state.get(param, {}).values():
                         if isinstance(value, torch.Tensor) and value.shape == param.shape:

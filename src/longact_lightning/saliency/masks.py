@@ -92,11 +92,7 @@ def select_channels(
     return chosen[units]  # [channels]
 
 
-def row_masks(
-    projections: Sequence[QKProjection],
-    channel_masks: Mapping[str, torch.Tensor],
-    weight_rows: Mapping[str, int],
-) -> dict[str, torch.Tensor]:
+def row_masks(projections: Sequence[QKProjection], channel_masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-parameter row masks (True = trainable) from per-projection channel selections.
 
     Rows of a parameter that belong to no query/key projection (e.g. the value rows of a fused ``qkv_proj``) stay
@@ -105,14 +101,13 @@ def row_masks(
     Args:
         projections: from :func:`find_qk_projections`.
         channel_masks: ``{projection.key: [channels] bool}``.
-        weight_rows: ``{weight name: number of rows}`` of the weights the projections live in.
 
     Returns:
         ``{parameter name: [rows] bool}`` for every weight (and bias) that has at least one frozen row.
     """
     masks: dict[str, torch.Tensor] = {}
     for proj in projections:
-        mask = masks.setdefault(proj.weight_name, torch.ones(weight_rows[proj.weight_name], dtype=torch.bool))
+        mask = masks.setdefault(proj.weight_name, torch.ones(proj.weight_rows, dtype=torch.bool))
         mask[proj.rows] = channel_masks[proj.key]
     for proj in projections:
         if proj.bias_name is not None:

@@ -48,6 +48,8 @@ class QKProjection:
         rotary_dim: leading channels of each head that RoPE rotates (``head_dim`` unless partial rotary); RoPE pairs
             channel ``i`` with ``i + rotary_dim // 2``.
         has_bias: whether the module has a bias, whose entries follow the same rows.
+        weight_rows: output rows of the whole weight (under FSDP1 the parameter itself is a flat shard, so this is
+            recorded from the module).
     """
 
     layer: int
@@ -58,6 +60,7 @@ class QKProjection:
     head_dim: int
     rotary_dim: int
     has_bias: bool
+    weight_rows: int
 
     @property
     def channels(self) -> int:
@@ -173,6 +176,7 @@ def _projection(name: str, module: nn.Linear, kind: str, rows: torch.Tensor, lay
         head_dim=head_dim,
         rotary_dim=min(layout.rotary_dim, head_dim),
         has_bias=module.bias is not None,
+        weight_rows=module.out_features,
     )
 
 
