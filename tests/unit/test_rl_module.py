@@ -165,6 +165,22 @@ def test_gradient_clipping_sees_the_callbacks_masked_gradients(tiny_model_dir):
     assert seen["embed"] == 0.0  # ... without resurrecting the masked gradient
 
 
+def test_module_path_applies_lm_head_only_to_completion_positions(tiny_model_dir):
+    """Reference scoring, old log-probs and the checkpointed training pass all use `logits_to_keep = C + 1`."""
+    g = torch.Generator().manual_seed(5)
+    prompt = tuple(torch.randint(3, VOCAB, (64,), generator=g).tolist())
+    group = [Rollout(prompt, tuple(torch.randint(3, VOCAB, (n,), generator=g).tolist()), None, "stop") for n in (3, 4)]
+    batch = RolloutBatch.from_groups([group], [[1.0, 0.0]], pad_token_id=PAD)
+    module = RLPolicyModule(
+        model=tiny_model_dir, tokenizer=TOKENIZER, beta=0.1, ppo_epochs=2, micro_batch_size=1, gradient_checkpointing=True,
+    )  # fmt: skip
+    seen: list[int] = []
+    for model in (module.policy, module.reference):
+        model.get_output_embeddings().register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    _trainer(2).fit(module, datamodule=_FixedBatches([batch]))
+    assert len(seen) >= 2 * 4 and set(seen) == {4 + 1}  # 2 sequences x (reference, old, 2 epochs), C = 4
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -253,7 +269,20 @@ def test_rule_reward_rises_within_fixed_seeded_steps(tiny_model_dir, longact):
     callbacks = _longact_callbacks() if longact == "on" else []
     seed_everything(0)
     module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=3e-2, micro_batch_size=32)
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if "q_proj" in n or "k_proj" in n}
     datamodule = _GenerateOnDemand(steps)
     _trainer(steps, callbacks).fit(module, datamodule=datamodule)
     first, last = sum(datamodule.rewards[:4]) / 4, sum(datamodule.rewards[-4:]) / 4
-    assert last > first + 0.2, datamodule.rewards
+    assert first < 0.1 and last > first + 0.5, datamodule.rewards
+
+    after = dict(module.policy.named_parameters())
+    moved_rows = {n: (after[n].detach() != w).any(dim=1) for n, w in before.items()}  # [rows] per q/k weight
+    if longact == "off":
+        assert all(rows.all() for rows in moved_rows.values())  # dense updates move every row
+        return
+    masks = callbacks[0].row_mask.masks
+    assert masks, "LongAct selected no rows"
+    for name, trainable in masks.items():
+        rows = moved_rows[name.removeprefix("policy.")]
+        assert not rows[~trainable].any(), f"{name}: a frozen row moved"
+        assert rows[trainable].any(), f"{name}: no trainable row moved"

@@ -149,7 +149,7 @@ class ActivationSaliency(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         for name, value in self._pending_metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True)
+            pl_module.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
         self._pending_metrics = {}
 
     @override

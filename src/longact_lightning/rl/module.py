@@ -68,7 +68,9 @@ class RLPolicyModule(pl.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW decoupled weight decay.
         betas: AdamW betas.
-        ppo_epochs: optimizer steps per rollout batch (mu >= 1); with 1 the old log-probs equal the current ones.
+        ppo_epochs: optimizer steps per rollout batch (mu >= 1); with 1 the old log-probs equal the current ones and
+            their extra forward pass is skipped. ``Trainer(max_steps=...)`` counts optimizer steps, so a rollout batch
+            advances ``global_step`` by ``ppo_epochs``; use a multiple of it.
         micro_batch_size: sequences per forward/backward pass.
         max_grad_norm: clip the global gradient norm to this in ``on_before_optimizer_step``; ``None`` = no clipping.
         gradient_checkpointing: recompute activations in the backward pass (HF gradient checkpointing).
@@ -139,6 +141,9 @@ class RLPolicyModule(pl.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.policy = load_causal_lm(model, dtype=dtype)
         self.policy.config.use_cache = False
+        # from_pretrained returns eval mode and Lightning 2.6 keeps each module's mode; HF only checkpoints in train
+        # mode. Old and new log-probs are both taken in train mode, so they agree as long as dropout is 0.
+        self.policy.train()
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         reference = None
@@ -147,6 +152,7 @@ class RLPolicyModule(pl.LightningModule):
         # Deliberately not a registered submodule: the frozen reference is rebuilt from `model`, so it stays out of
         # checkpoints, the optimizer, DDP/FSDP wrapping and the callbacks' search for the trainable HF model.
         object.__setattr__(self, "reference", reference)
+        self._batch_size = 1
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -170,6 +176,7 @@ class RLPolicyModule(pl.LightningModule):
         start = time.perf_counter()
         batch, _, _ = next(dataloader_iter)  # pulled here, after the previous update: the rollouts are on-policy
         batch = batch.to(self.device)
+        self._batch_size = len(batch)
         hp = self.hparams
         mask = batch.completion_mask.float()  # [B, C]
         advantages = group_advantages(
@@ -227,9 +234,19 @@ class RLPolicyModule(pl.LightningModule):
         # the norm is that of the gradient that is actually applied. Manual optimisation gets no automatic clipping.
         if self.hparams.max_grad_norm is None:
             return
+        # torch's clip_grad_norm_ is global under DDP (full grads) and FSDP2 (DTensor grads); FSDP1 flat shards would
+        # need FullyShardedDataParallel.clip_grad_norm_ instead.
         params = [p for p in self.policy.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
-        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False, batch_size=1)
+        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+
+    @override
+    def log(self, name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        """``LightningModule.log`` with a default ``batch_size``: with the ``dataloader_iter`` signature Lightning
+        cannot infer it and rejects every ``log`` call without one — including callbacks logging through
+        ``pl_module.log``. It only weights epoch-level means, so the current rollout batch size is a correct default.
+        """
+        super().log(name, value, *args, batch_size=batch_size or self._batch_size, **kwargs)
 
     @override
     def on_train_end(self) -> None:
@@ -286,7 +303,7 @@ class RLPolicyModule(pl.LightningModule):
         values["train/tokens_per_s"] = float(batch.attention_mask.sum()) / max(seconds, 1e-9)
         if batch.correct is not None:
             values["train/accuracy"] = batch.correct.float().mean()
-        self.log_dict(values, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(batch))
+        self.log_dict(values, on_step=True, on_epoch=False, sync_dist=True)
         # each rank's loss is its share of the global loss, so the global value is the sum
         self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum", prog_bar=True)
 
