@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from longact_lightning.models import load_causal_lm, load_tokenizer
 from longact_lightning.rl.advantages import StdScaling, group_advantages
-from longact_lightning.rl.logprobs import completion_logprobs
+from longact_lightning.rl.logprobs import completion_logprobs, grouped_completion_logprobs
 from longact_lightning.rl.losses import Aggregation, KLEstimator, LossConfig, LossType, policy_loss, step_denominator
 from longact_lightning.rollout.batch import RolloutBatch
 
@@ -73,7 +73,10 @@ class RLPolicyModule(pl.LightningModule):
             advances ``global_step`` by ``ppo_epochs``; use a multiple of it.
         micro_batch_size: sequences per forward/backward pass.
         max_grad_norm: clip the global gradient norm to this in ``on_before_optimizer_step``; ``None`` = no clipping.
-        gradient_checkpointing: recompute activations in the backward pass (HF gradient checkpointing).
+        gradient_checkpointing: recompute activations in the backward pass (HF gradient checkpointing). It drops the
+            KV cache, so it turns ``share_prompt`` off.
+        share_prompt: encode each group's prompt once and reuse its KV cache for the G completions (same values and
+            gradients, about G times less prompt work); see ``grouped_completion_logprobs``.
         export_dir: where to write the HF-format policy at the end of fit (``None`` = no export).
         export_every_n_steps: also export every N optimizer steps to ``export_dir/step_XXXXXX``.
     """
@@ -109,6 +112,7 @@ class RLPolicyModule(pl.LightningModule):
         micro_batch_size: int = 4,
         max_grad_norm: float | None = 1.0,
         gradient_checkpointing: bool = False,
+        share_prompt: bool = True,
         export_dir: str | None = None,
         export_every_n_steps: int | None = None,
     ) -> None:
@@ -202,9 +206,7 @@ class RLPolicyModule(pl.LightningModule):
             for k, chunk in enumerate(chunks):
                 micro = batch.select(chunk)
                 with self._no_sync_unless(k == len(chunks) - 1):
-                    logprobs, entropy = completion_logprobs(
-                        self.policy, micro.input_ids, micro.attention_mask, mask.shape[1], hp.temperature
-                    )  # [b, C], [b, C]
+                    logprobs, entropy = self._logprobs(self.policy, micro)  # [b, C], [b, C]
                     loss, metrics = policy_loss(
                         logprobs,
                         old_logprobs[chunk] if old_logprobs is not None else logprobs.detach(),
@@ -268,19 +270,16 @@ class RLPolicyModule(pl.LightningModule):
 
     def _score(self, model: torch.nn.Module, batch: RolloutBatch, chunks: list[slice]) -> torch.Tensor:
         """Log-probs of the whole batch under ``model``, micro-batch by micro-batch.  # [B, C]"""
-        completion_length = batch.completion_mask.shape[1]
-        parts = [
-            completion_logprobs(
-                model,
-                batch.input_ids[chunk],
-                batch.attention_mask[chunk],
-                completion_length,
-                self.hparams.temperature,
-                with_entropy=False,
-            )[0]
-            for chunk in chunks
-        ]
-        return torch.cat(parts)
+        return torch.cat([self._logprobs(model, batch.select(chunk), with_entropy=False)[0] for chunk in chunks])
+
+    def _logprobs(
+        self, model: torch.nn.Module, batch: RolloutBatch, with_entropy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Completion log-probs (and entropies) of ``batch`` under ``model``.  # [b, C], [b, C]"""
+        args = (model, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1])
+        if self.hparams.share_prompt and not self.hparams.gradient_checkpointing:
+            return grouped_completion_logprobs(*args, batch.group_ids, self.hparams.temperature, with_entropy)
+        return completion_logprobs(*args, self.hparams.temperature, with_entropy)
 
     def _no_sync_unless(self, sync: bool) -> Any:
         """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""

@@ -1,0 +1,51 @@
+"""Encoding a group's shared prompt once gives the same log-probs and gradients as encoding it per row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longact_lightning.rl.logprobs import completion_logprobs, grouped_completion_logprobs
+from tests.conftest import TINY_CONFIGS, tiny_model
+
+P, C = 7, 5
+
+
+def _two_groups_of_three():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 90, (6, P + C), generator=g)
+    mask = torch.ones_like(ids)
+    ids[:3, :P] = ids[0, :P]
+    ids[3:, :P] = ids[3, :P]
+    ids[3:, :2], mask[3:, :2] = 0, 0  # the second prompt is shorter: left padding
+    mask[1, P + 3 :], mask[4, P + 1 :] = 0, 0  # completions of different lengths: right padding
+    return ids, mask, torch.tensor([0, 0, 0, 1, 1, 1])
+
+
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_grouped_equals_plain_values_and_gradients(arch):
+    model = tiny_model(arch).train()
+    ids, mask, groups = _two_groups_of_three()
+    real = mask[:, P:].bool()
+    results = []
+    for grouped in (False, True):
+        if grouped:
+            logprobs, entropy = grouped_completion_logprobs(model, ids, mask, C, groups)
+        else:
+            logprobs, entropy = completion_logprobs(model, ids, mask, C)
+        objective = (logprobs * real).sum() + 0.1 * (entropy * real).sum()
+        grads = torch.autograd.grad(objective, list(model.parameters()), allow_unused=True)
+        results.append((logprobs[real], entropy[real], grads))
+    (lp_a, ent_a, grads_a), (lp_b, ent_b, grads_b) = results
+    torch.testing.assert_close(lp_b, lp_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent_b, ent_a, rtol=1e-5, atol=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        if ga is not None:
+            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_rejects_rows_of_one_group_with_different_prompts():
+    ids, mask, groups = _two_groups_of_three()
+    ids[1, P - 1] += 1
+    with pytest.raises(ValueError, match="different prompts"):
+        grouped_completion_logprobs(tiny_model("llama_gqa"), ids, mask, C, groups)
