@@ -1,0 +1,354 @@
+"""The DataModule that turns a prompt stream into on-policy training batches of whole rollout groups.
+
+Rollouts are generated lazily, inside ``next(dataloader)``: the RL module pulls its batch itself at the start of each
+training step (``training_step(dataloader_iter)``), after the previous optimizer step, and the stream pushes the
+policy's weights into the engine right before generating. So the rollouts used at step ``t`` come from the weights
+after step ``t - 1``. That is why the DataLoader has no workers and no batching of its own: the engine lives in this
+process and each item already is a full training batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from longact_lightning.data.records import PromptRecord
+from longact_lightning.data.sources import PromptSource
+from longact_lightning.models import load_tokenizer
+from longact_lightning.rollout import build_engine
+from longact_lightning.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from longact_lightning.rollout.batch import RolloutBatch
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[str, PromptRecord], float]
+
+
+@dataclass
+class _ScoredGroup:
+    rollouts: list[Rollout]
+    rewards: list[float]  # task reward + overlong penalty: what the advantage sees
+    correct: list[bool]
+
+
+class RolloutDataModule(LightningDataModule):
+    """Streams prompts, samples ``group_size`` completions each with the rollout engine, scores them, and yields
+    :class:`~longact_lightning.rollout.batch.RolloutBatch` es of ``prompts_per_step`` whole groups.
+
+    Args:
+        source: the prompts: a :class:`~longact_lightning.data.sources.PromptSource` (RULER, LongBench v2, JSONL, HF
+            datasets; built by LightningCLI from ``class_path``) or any iterable of ``PromptRecord``. It is iterated
+            again from the start for each pass (epoch).
+        model: model whose tokenizer applies the chat template and whose weights the engine starts from; the same
+            model as the policy's.
+        engine: ``"vllm"`` (falls back to ``"hf"`` with a warning when vLLM is missing) or ``"hf"``.
+        engine_options: keyword arguments of the engine (``VLLMEngine``: ``dtype``, ``max_model_len``,
+            ``gpu_memory_utilization``, ``enable_sleep_mode``, ``cpu_kvcache_space_gib``, ``enforce_eager``,
+            ``logprobs_mode``, ...; ``HFEngine``: ``dtype``, ``device``, ``max_batch_sequences``, ...).
+        group_size: completions per prompt, ``G``.
+        prompts_per_step: groups per training batch (fewer when the source runs out or dynamic sampling gives up).
+        temperature: sampling temperature; the RL module must score with the same one.
+        top_p: nucleus sampling mass.
+        max_new_tokens: completion length limit ``L_max``.
+        seed: base seed of the sampling (``None`` = unseeded).
+        max_prompt_tokens: prompts longer than this after the chat template are dropped, counted and logged;
+            ``None`` keeps all.
+        dynamic_sampling: DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage, no
+            gradient) and generate for fresh prompts until ``prompts_per_step`` groups carry signal.
+        max_generation_rounds: generation rounds per batch under dynamic sampling; after that the batch is yielded
+            with the groups it has (an error if it has none).
+        overlong_buffer_tokens: DAPO soft overlong punishment (Eq. 13) buffer ``L_cache``: a completion longer than
+            ``max_new_tokens - L_cache`` tokens gets a penalty growing linearly to ``-overlong_penalty`` at
+            ``max_new_tokens``. 0 disables it.
+        overlong_penalty: the penalty's scale.
+        mask_truncated: exclude completions that hit ``max_new_tokens`` from the loss (their ``completion_mask`` is 0).
+        reward: a metric name of ``longact_lightning.rl.rewards.METRICS``, an import path ``package.module:function``,
+            or a callable ``(completion_text, record) -> float``; ``None`` = each task's official metric.
+        sync_every_n_steps: push the policy's weights into the engine when at least this many optimizer steps
+            happened since the last push (1 = strictly on-policy).
+    """
+
+    def __init__(
+        self,
+        source: PromptSource | Iterable[PromptRecord],
+        model: str = "smollm2-135m-instruct",
+        engine: Literal["vllm", "hf"] = "vllm",
+        engine_options: dict[str, Any] | None = None,
+        group_size: int = 8,
+        prompts_per_step: int = 8,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int | None = 0,
+        max_prompt_tokens: int | None = None,
+        dynamic_sampling: bool = False,
+        max_generation_rounds: int = 3,
+        overlong_buffer_tokens: int = 0,
+        overlong_penalty: float = 1.0,
+        mask_truncated: bool = False,
+        reward: str | RewardFn | None = None,
+        sync_every_n_steps: int = 1,
+    ) -> None:
+        super().__init__()
+        if not hasattr(source, "__iter__"):
+            raise TypeError(f"source={source!r} is not iterable; pass a PromptSource or an iterable of PromptRecord.")
+        if prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step={prompts_per_step} must be >= 1.")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens={max_prompt_tokens} must be >= 1, or None to keep every prompt.")
+        if max_generation_rounds < 1:
+            raise ValueError(f"max_generation_rounds={max_generation_rounds} must be >= 1.")
+        if not 0 <= overlong_buffer_tokens < max_new_tokens:
+            raise ValueError(
+                f"overlong_buffer_tokens={overlong_buffer_tokens} must be in [0, max_new_tokens={max_new_tokens}); "
+                "DAPO uses about a quarter of max_new_tokens, 0 disables the penalty."
+            )
+        if overlong_penalty < 0:
+            raise ValueError(f"overlong_penalty={overlong_penalty} must be >= 0 (it is subtracted from the reward).")
+        if sync_every_n_steps < 1:
+            raise ValueError(f"sync_every_n_steps={sync_every_n_steps} must be >= 1 (1 = sync after every step).")
+        self.source = source
+        self.model = model
+        self.engine_kind = engine
+        self.engine_options = dict(engine_options or {})
+        self.sampling = SamplingConfig(
+            n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed
+        )
+        self.prompts_per_step = prompts_per_step
+        self.max_prompt_tokens = max_prompt_tokens
+        self.dynamic_sampling = dynamic_sampling
+        self.max_generation_rounds = max_generation_rounds
+        self.overlong_buffer_tokens = overlong_buffer_tokens
+        self.overlong_penalty = overlong_penalty
+        self.mask_truncated = mask_truncated
+        self.sync_every_n_steps = sync_every_n_steps
+        self._explicit_reward = _resolve_reward(reward)
+        self._rewards: dict[str | None, Any] = {}  # task (None = the explicit reward) -> SafeReward
+        self._engine: RolloutEngine | None = None
+        self._tokenizer: Any = None
+        self._policy: torch.nn.Module | None = None
+        self._step_fn: Callable[[], int] | None = None
+        self._synced_step: int | None = None
+        # stream position: records pulled from the current pass of the source; checkpointed
+        self._epoch = 0
+        self._consumed = 0
+        self.totals = {"dropped_long_prompts": 0, "dropped_groups": 0, "generation_rounds": 0, "weight_syncs": 0}
+        self.metrics: dict[str, float] = {}  # the last batch's rollout metrics, also sent to the trainer's loggers
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model)
+        return self._tokenizer
+
+    @property
+    def engine(self) -> RolloutEngine:
+        """The rollout engine, built on first use (after the policy is on its device) unless one was assigned."""
+        if self._engine is None:
+            options = dict(self.engine_options)
+            if self.engine_kind == "vllm":
+                options.setdefault("seed", self.sampling.seed or 0)
+            self._engine = build_engine(self.engine_kind, self.model, **options)
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: RolloutEngine) -> None:
+        self._engine = engine
+
+    def connect(self, policy: torch.nn.Module, step_fn: Callable[[], int]) -> None:
+        """Register the policy whose weights the engine serves and a function returning the optimizer step count.
+
+        Called by the RL module in ``on_fit_start``. Without it the engine keeps serving its initial weights.
+        """
+        self._policy = policy
+        self._step_fn = step_fn
+        self._synced_step = None  # the engine was built from `model`, not from whatever the policy holds now
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Hand the tokenizer to the source and pull one record, so an empty source or a task without a default
+        reward fails before training starts."""
+        if stage != "fit":
+            return
+        if isinstance(self.source, PromptSource):
+            self.source.connect(self.tokenizer)
+        first = next(iter(self.source), None)
+        if first is None:
+            raise ValueError(f"Prompt source {self.source!r} yielded no record; point it at non-empty data.")
+        self._reward_for(first.task)
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_RolloutStream(self._batches), batch_size=None, num_workers=0, collate_fn=_identity)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "prompts_consumed": self._consumed, **self.totals}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._epoch = int(state_dict.get("epoch", 0))
+        self._consumed = int(state_dict.get("prompts_consumed", 0))
+        for key in self.totals:
+            self.totals[key] = int(state_dict.get(key, 0))
+
+    def prompt_ids(self, record: PromptRecord) -> list[int]:
+        """Chat template with the record as the user turn, the assistant header, then ``record.answer_prefix``."""
+        messages = [{"role": "user", "content": record.prompt}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text + record.answer_prefix, add_special_tokens=False)["input_ids"]
+
+    def _batches(self) -> Iterator[RolloutBatch]:
+        prompts = self._prompts()
+        while True:
+            kept: list[_ScoredGroup] = []
+            dropped = rounds = 0
+            exhausted = False
+            timings = {"sync_s": 0.0, "generate_s": 0.0}
+            rounds_allowed = self.max_generation_rounds if self.dynamic_sampling else 1
+            while len(kept) < self.prompts_per_step and rounds < rounds_allowed:
+                chunk = list(islice(prompts, self.prompts_per_step - len(kept)))
+                if not chunk:
+                    exhausted = True
+                    break
+                rounds += 1
+                start = time.perf_counter()
+                self._sync_weights()
+                timings["sync_s"] += time.perf_counter() - start
+                start = time.perf_counter()
+                groups = self.engine.generate([ids for _, ids in chunk], self.sampling)
+                timings["generate_s"] += time.perf_counter() - start
+                for (record, _), group in zip(chunk, groups, strict=True):
+                    scored = self._score(record, group)
+                    if self.dynamic_sampling and len(set(scored.rewards)) == 1:
+                        dropped += 1
+                        continue
+                    kept.append(scored)
+            self._record_metrics(kept, dropped, rounds, timings)
+            if kept:
+                yield RolloutBatch.from_groups(
+                    [g.rollouts for g in kept],
+                    [g.rewards for g in kept],
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    correct=[g.correct for g in kept],
+                    mask_truncated=self.mask_truncated,
+                )
+            elif not exhausted:
+                raise RuntimeError(
+                    f"Dynamic sampling dropped all {dropped} groups in max_generation_rounds={rounds_allowed}: every "
+                    "group's rewards were identical. Raise max_generation_rounds, use easier prompts or a larger "
+                    "group_size, or set dynamic_sampling=False."
+                )
+            if exhausted:
+                return
+
+    def _prompts(self) -> Iterator[tuple[PromptRecord, list[int]]]:
+        """Records of the current pass with their token ids, skipping the ones a checkpoint says were consumed and
+        dropping over-long ones; a finished pass starts the next epoch."""
+        skip = self._consumed
+        for index, record in enumerate(self.source):
+            if index < skip:
+                continue
+            self._consumed = index + 1
+            ids = self.prompt_ids(record)
+            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+                self.totals["dropped_long_prompts"] += 1
+                log.warning(
+                    "Dropped a %r prompt of %d tokens > max_prompt_tokens=%d (%d dropped so far).",
+                    record.task, len(ids), self.max_prompt_tokens, self.totals["dropped_long_prompts"],
+                )  # fmt: skip
+                continue
+            yield record, ids
+        self._epoch += 1
+        self._consumed = 0
+
+    def _sync_weights(self) -> None:
+        """Push the policy's weights into the engine if enough optimizer steps happened since the last push."""
+        if self._policy is None or self._step_fn is None:
+            return
+        step = int(self._step_fn())
+        if self._synced_step is not None and step - self._synced_step < self.sync_every_n_steps:
+            return
+        self.engine.load_weights(self._policy.named_parameters())
+        self._synced_step = step
+        self.totals["weight_syncs"] += 1
+
+    def _score(self, record: PromptRecord, group: list[Rollout]) -> _ScoredGroup:
+        reward_fn = self._reward_for(record.task)
+        rewards, correct = [], []
+        for rollout in group:
+            text = self.tokenizer.decode(rollout.completion_ids, skip_special_tokens=True)
+            task_reward = reward_fn(text, record)
+            rewards.append(task_reward + self._overlong_reward(len(rollout.completion_ids)))
+            correct.append(task_reward >= 1.0)
+        return _ScoredGroup(group, rewards, correct)
+
+    def _overlong_reward(self, length: int) -> float:
+        """DAPO Eq. 13: 0 up to ``L_max - L_cache``, then linear down to ``-overlong_penalty`` at ``L_max``."""
+        if self.overlong_buffer_tokens == 0:
+            return 0.0
+        free = self.sampling.max_tokens - self.overlong_buffer_tokens
+        if length <= free:
+            return 0.0
+        return self.overlong_penalty * max(-1.0, (free - length) / self.overlong_buffer_tokens)
+
+    def _reward_for(self, task: str) -> Any:
+        from longact_lightning.rl.rewards import SafeReward, default_reward
+
+        key = None if self._explicit_reward is not None else task
+        if key not in self._rewards:
+            self._rewards[key] = SafeReward(self._explicit_reward or default_reward(task))
+        return self._rewards[key]
+
+    def _record_metrics(self, kept: list[_ScoredGroup], dropped: int, rounds: int, timings: dict[str, float]) -> None:
+        self.totals["dropped_groups"] += dropped
+        self.totals["generation_rounds"] += rounds
+        if dropped:
+            log.info(
+                "Dynamic sampling dropped %d zero-variance groups in %d generation rounds, kept %d (%d dropped in "
+                "total).", dropped, rounds, len(kept), self.totals["dropped_groups"],
+            )  # fmt: skip
+        self.metrics = {
+            "rollout/groups": float(len(kept)),
+            "rollout/dropped_groups": float(dropped),
+            "rollout/generation_rounds": float(rounds),
+            "rollout/reward_failures_total": float(sum(r.failures for r in self._rewards.values())),
+            **{f"rollout/{k}": v for k, v in timings.items()},
+            **{f"rollout/{k}_total": float(v) for k, v in self.totals.items()},
+        }
+        trainer = self.trainer
+        if trainer is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.metrics, step=trainer.global_step)
+
+
+class _RolloutStream(IterableDataset):
+    """An endless-or-until-the-source-ends stream of ready training batches."""
+
+    def __init__(self, batches: Callable[[], Iterator[RolloutBatch]]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[RolloutBatch]:
+        return self._batches()
+
+
+def _identity(batch: RolloutBatch) -> RolloutBatch:
+    return batch
+
+
+def _resolve_reward(reward: str | RewardFn | None) -> RewardFn | None:
+    """Resolve a configured reward now, so a bad name or import path fails at construction."""
+    if reward is None or callable(reward):
+        return reward
+    from longact_lightning.rl.rewards import resolve_reward
+
+    return resolve_reward(reward)

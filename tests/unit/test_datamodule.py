@@ -1,0 +1,197 @@
+"""RolloutDataModule with a deterministic fake engine: dynamic sampling, prompt-length filter, on-policy weight sync,
+overlong shaping and resumable stream position. The real engines are tested in their own files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import pytest
+import torch
+
+from longact_lightning.data.datamodule import RolloutDataModule
+from longact_lightning.data.records import PromptRecord
+from longact_lightning.models import load_tokenizer
+from longact_lightning.rollout import Rollout, RolloutBatch, RolloutEngine, SamplingConfig
+
+VARIED = (1.0, 0.0)  # per-sample rewards of a group with signal
+FLAT = (1.0, 1.0)  # a zero-variance group
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+class FakeEngine:
+    """Sample ``j`` of every prompt is the text ``sample j`` (+ EOS), or ``length`` filler tokens if configured."""
+
+    def __init__(self, tokenizer, lengths: dict[int, int] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.lengths = lengths or {}
+        self.generated: list[list[tuple[int, ...]]] = []
+        self.loads: list[list[str]] = []
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
+        self.generated.append([tuple(p) for p in prompts])
+        groups = []
+        for prompt in prompts:
+            group = []
+            for j in range(sampling.n):
+                if j in self.lengths:
+                    ids = tuple(self.tokenizer.encode(" a", add_special_tokens=False)) * self.lengths[j]
+                else:
+                    ids = (*self.tokenizer.encode(f"sample {j}", add_special_tokens=False), self.tokenizer.eos_token_id)
+                reason = "length" if len(ids) >= sampling.max_tokens else "stop"
+                group.append(Rollout(tuple(prompt), ids, tuple([-0.5] * len(ids)), reason))
+            groups.append(group)
+        return groups
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.loads.append([name for name, _ in named_tensors])
+
+
+def reward_from_metadata(completion: str, record: PromptRecord) -> float:
+    """Sample ``j`` scores ``record.metadata['rewards'][j]``."""
+    return record.metadata["rewards"][int(completion.split()[-1])] if "sample" in completion else 0.0
+
+
+def records(*kinds: tuple[float, ...], prompt: str = "Where is the needle?") -> list[PromptRecord]:
+    return [
+        PromptRecord(prompt=f"{prompt} #{i}", answers=("x",), task="test", metadata={"rewards": kind, "index": i})
+        for i, kind in enumerate(kinds)
+    ]
+
+
+def make(tokenizer, source, **kwargs) -> tuple[RolloutDataModule, FakeEngine]:
+    options = dict(group_size=2, prompts_per_step=2, max_new_tokens=16, reward=reward_from_metadata, engine="hf")
+    dm = RolloutDataModule(source, **{**options, **kwargs})
+    dm._tokenizer = tokenizer
+    engine = FakeEngine(tokenizer)
+    dm.engine = engine
+    return dm, engine
+
+
+def indices(batch: RolloutBatch, dm: RolloutDataModule, source: list[PromptRecord]) -> list[int]:
+    """Which records a batch's groups came from (by their token ids)."""
+    by_ids = {tuple(dm.prompt_ids(r)): r.metadata["index"] for r in source}
+    found = []
+    for group in batch.group_ids.unique().tolist():
+        row = int((batch.group_ids == group).nonzero()[0])
+        real = batch.attention_mask[row, : batch.prompt_length].bool()
+        found.append(by_ids[tuple(batch.input_ids[row, : batch.prompt_length][real].tolist())])
+    return found
+
+
+def test_dynamic_sampling_drops_zero_variance_groups_and_refills(tokenizer, caplog):
+    source = records(VARIED, FLAT, FLAT, VARIED, VARIED, VARIED)
+    dm, engine = make(tokenizer, source, dynamic_sampling=True, max_generation_rounds=3)
+    stream = iter(dm.train_dataloader())
+    with caplog.at_level(logging.INFO, logger="longact_lightning.data.datamodule"):
+        batch = next(stream)
+    assert isinstance(batch, RolloutBatch)
+    assert indices(batch, dm, source) == [0, 3]  # 1 and 2 dropped, refilled by 3
+    assert [len(round_) for round_ in engine.generated] == [2, 1, 1]  # refills ask only for the missing groups
+    assert dm.metrics["rollout/dropped_groups"] == 2
+    assert dm.metrics["rollout/generation_rounds"] == 3
+    assert dm.totals["dropped_groups"] == 2
+    assert "dropped 2 zero-variance groups in 3 generation rounds" in caplog.text
+    assert batch.rewards.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert batch.correct.tolist() == [True, False, True, False]
+
+    assert indices(next(stream), dm, source) == [4, 5]
+    assert dm.metrics["rollout/dropped_groups"] == 0
+
+
+def test_without_dynamic_sampling_flat_groups_stay(tokenizer):
+    source = records(FLAT, VARIED)
+    dm, _ = make(tokenizer, source)
+    batch = next(iter(dm.train_dataloader()))
+    assert indices(batch, dm, source) == [0, 1]
+
+
+def test_dynamic_sampling_gives_up_with_a_clear_error(tokenizer):
+    dm, _ = make(tokenizer, records(*[FLAT] * 8), dynamic_sampling=True, max_generation_rounds=2)
+    with pytest.raises(RuntimeError, match="dropped all 4 groups in max_generation_rounds=2"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_over_long_prompts_are_dropped_and_counted(tokenizer, caplog):
+    short = records(VARIED, VARIED, VARIED)
+    long = records(VARIED, prompt="word " * 200)[0]
+    source = [short[0], long, long, short[1], short[2]]
+    dm, _ = make(tokenizer, source, max_prompt_tokens=100, prompts_per_step=3)
+    with caplog.at_level(logging.WARNING, logger="longact_lightning.data.datamodule"):
+        batch = next(iter(dm.train_dataloader()))
+    assert indices(batch, dm, short) == [0, 1, 2]
+    assert dm.totals["dropped_long_prompts"] == 2
+    assert dm.metrics["rollout/dropped_long_prompts_total"] == 2
+    assert "> max_prompt_tokens=100 (2 dropped so far)" in caplog.text
+
+
+def test_weights_sync_when_the_step_advances_and_not_otherwise(tokenizer):
+    policy = torch.nn.Linear(2, 2)
+    step = {"value": 0}
+    dm, engine = make(tokenizer, records(*[VARIED] * 12), prompts_per_step=1, sync_every_n_steps=2)
+    dm.connect(policy, lambda: step["value"])
+    stream = iter(dm.train_dataloader())
+
+    next(stream)
+    assert engine.loads == [["weight", "bias"]]  # the first generation always syncs: the engine started from `model`
+    next(stream)
+    assert len(engine.loads) == 1  # same step: nothing to push
+    step["value"] = 1
+    next(stream)
+    assert len(engine.loads) == 1  # one step since the last push < sync_every_n_steps=2
+    step["value"] = 2
+    next(stream)
+    assert len(engine.loads) == 2
+    assert dm.totals["weight_syncs"] == 2
+
+
+def test_every_generation_round_is_on_policy(tokenizer):
+    """Refill rounds also check the step, so no round generates with weights older than the last step."""
+    step = {"value": 0}
+    dm, engine = make(tokenizer, records(FLAT, VARIED, VARIED), dynamic_sampling=True)
+    dm.connect(torch.nn.Linear(1, 1), lambda: step["value"])
+    original = engine.generate
+
+    def generate_then_step(prompts, sampling):
+        step["value"] += 1  # pretend an optimizer step happens between rounds
+        return original(prompts, sampling)
+
+    engine.generate = generate_then_step
+    next(iter(dm.train_dataloader()))
+    assert len(engine.generated) == len(engine.loads) == 2
+
+
+def test_overlong_soft_punishment_and_truncation_mask(tokenizer):
+    # max_new_tokens=16, buffer 8: free up to 8 tokens, then linear to -penalty at 16
+    dm, engine = make(tokenizer, records(VARIED), overlong_buffer_tokens=8, overlong_penalty=0.5, mask_truncated=True)
+    engine.lengths = {0: 12, 1: 16}
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.rewards.tolist() == pytest.approx([0.0 - 0.5 * 4 / 8, 0.0 - 0.5])
+    assert batch.truncated.tolist() == [False, True]
+    assert batch.completion_mask[1].sum() == 0 and batch.completion_mask[0].sum() == 12
+
+
+def test_resume_skips_consumed_prompts(tokenizer):
+    source = records(*[VARIED] * 7)
+    dm, _ = make(tokenizer, source)
+    stream = iter(dm.train_dataloader())
+    next(stream)
+    next(stream)
+    state = dm.state_dict()
+    assert state["prompts_consumed"] == 4 and state["epoch"] == 0
+
+    resumed, _ = make(tokenizer, source)
+    resumed.load_state_dict(state)
+    batches = list(resumed.train_dataloader())
+    assert [indices(b, resumed, source) for b in batches] == [[4, 5], [6]]  # the pass ends with a partial batch
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["prompts_consumed"] == 0
+
+
+def test_empty_source_fails_in_setup(tokenizer):
+    dm, _ = make(tokenizer, [])
+    with pytest.raises(ValueError, match="yielded no record"):
+        dm.setup("fit")
