@@ -1,0 +1,153 @@
+"""``longact``: the LightningCLI entry point (``longact fit --config configs/qwen_dapo.yaml``).
+
+``fit`` / ``validate`` / ``test`` are Lightning's own; ``profile`` and ``eval`` are methods of :class:`LongActTrainer`
+so they take the same ``--config`` and the same model/data sections. Values the module and the DataModule share (the
+model path) are linked, not repeated.
+
+Two callbacks are top-level config sections rather than entries of ``trainer.callbacks``, because runs and ablations
+change them most: ``longact:`` (:class:`LongAct`; ``--longact.mode none`` is the uniform-update baseline, which still
+measures and logs saliency, so every arm runs the same code) and ``checkpoint:`` (:class:`ModelCheckpoint`, with
+``last.ckpt``, periodic checkpoints and a checkpoint on SIGTERM or any exception).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from longact_lightning.callbacks import LongAct, RunSummary
+from longact_lightning.data.datamodule import RolloutDataModule
+from longact_lightning.rl.module import RLPolicyModule
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "auto",
+    "max_epochs": -1,
+    "logger": [
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "longact"}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "longact"}},
+    ],
+}
+
+
+class LongActTrainer(Trainer):
+    """Lightning's Trainer plus the ``profile`` and ``eval`` subcommands."""
+
+    def profile(
+        self,
+        model: RLPolicyModule,
+        datamodule: RolloutDataModule,
+        output_dir: str = "profile",
+        tasks: list[str] | None = None,
+        long_length: int = 1024,
+        short_length: int = 384,
+        num_samples: int = 4,
+        top_ratio: float = 0.3,
+        statistic: Literal["mean_abs", "rms", "max_abs"] = "mean_abs",
+        batch_size: int = 4,
+        ckpt_path: str | None = None,
+        compare_model: str | None = None,
+    ) -> None:
+        """Q/K channel-magnitude maps, sparsity metrics and mask stability on long and short prompts.
+
+        Args:
+            model: the policy to profile.
+            datamodule: where the prompts come from.
+            output_dir: directory for PNG heatmaps/histograms and CSV/JSON tables.
+            tasks: RULER tasks; default: the source's task plus two others (RULER source) or the source's records.
+            long_length: target (or truncation) length of the long context, in tokens.
+            short_length: the same for the short context.
+            num_samples: prompts per task and length.
+            top_ratio: fraction of channels in the selected mask (paper: 0.3).
+            statistic: per-channel statistic over real tokens.
+            batch_size: prompts per forward pass.
+            ckpt_path: a Lightning .ckpt of the module to profile instead of ``--model.model``'s weights.
+            compare_model: a second checkpoint (HF dir, model name or .ckpt) for checkpoint mask stability.
+        """
+        from longact_lightning.eval.profile import run_profile
+
+        run_profile(
+            model, datamodule, output_dir, tasks=tasks, long_length=long_length, short_length=short_length,
+            num_samples=num_samples, top_ratio=top_ratio, statistic=statistic, batch_size=batch_size,
+            ckpt_path=ckpt_path, compare_model=compare_model,
+        )  # fmt: skip
+
+    def eval(
+        self,
+        model: RLPolicyModule,
+        datamodule: RolloutDataModule,
+        output_dir: str = "eval",
+        tasks: list[str] | None = None,
+        lengths: list[int] | None = None,
+        num_samples: int | None = None,
+        longbench_path: str | None = None,
+        longbench_max_length: int | None = None,
+        max_tokens: int | None = None,
+        ckpt_path: str | None = None,
+    ) -> None:
+        """Greedy evaluation on the DataModule's source (RULER-style tasks, LongBench v2) with official metrics.
+
+        Args:
+            model: the policy (any checkpoint or HF directory given as ``--model.model``).
+            datamodule: the evaluation prompts and the rollout engine.
+            output_dir: directory for the JSON/CSV results.
+            tasks: RULER tasks; default: the source's task (RULER source) or the source's records.
+            lengths: RULER target lengths; default: the RULER source's, else 1024.
+            num_samples: records per RULER task and length (default: the RULER source's, else 20); for other
+                sources and LongBench v2 the first N records (default: all).
+            longbench_path: LongBench v2 data (hub id, data.json or parquet); unset = skipped.
+            longbench_max_length: middle-truncate LongBench v2 prompts to this many tokens.
+            max_tokens: tokens to generate per record; default: each benchmark's own budget.
+            ckpt_path: a Lightning .ckpt of the module; exported to ``<output_dir>/policy_hf`` and served.
+        """
+        from longact_lightning.eval.evaluate import run_eval
+
+        run_eval(
+            model, datamodule, output_dir, tasks=tasks, lengths=lengths, num_samples=num_samples,
+            longbench_path=longbench_path, longbench_max_length=longbench_max_length, max_tokens=max_tokens,
+            ckpt_path=ckpt_path,
+        )  # fmt: skip
+
+
+class LongActCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "profile": {"model", "datamodule"}, "eval": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model", "data.model")
+        parser.add_lightning_class_args(LongAct, "longact")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 10,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.save_on_exception": True,
+            }
+        )
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> LongActCLI:
+    """Build (and by default run) the CLI; tests pass ``args`` to drive it in-process."""
+    return LongActCLI(
+        RLPolicyModule,
+        RolloutDataModule,
+        trainer_class=LongActTrainer,
+        # Persistent callbacks (always present, not configurable): a progress bar, the end-of-fit summary table.
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [RichProgressBar(), RunSummary()]},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main() -> None:
+    """The ``longact`` console script."""
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
