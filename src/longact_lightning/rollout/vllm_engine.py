@@ -83,6 +83,9 @@ class VLLMEngine:
             )
         if cpu_kvcache_space_gib is not None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kvcache_space_gib:g}")
+        # On CPU, vLLM drops the process's torch intra-op threads to 1 for serving unless OMP_NUM_THREADS is set; the
+        # engine shares the process with the trainer, whose matmuls need every core.
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         try:
             from vllm import LLM, SamplingParams
             from vllm.inputs import TokensPrompt
@@ -110,6 +113,12 @@ class VLLMEngine:
         self._sleep_mode = enable_sleep_mode
         self._sleeping: set[str] = set()
         self._calls = 0
+        from vllm.platforms import current_platform
+
+        # vLLM's CPU sampler cannot rewind a per-request generator when it discards the token sampled for a chunked
+        # prefill ("RuntimeError: CPU Generator does not use offset"); there the engine seed alone (one process, one
+        # call sequence) keeps seeded runs reproducible.
+        self._per_request_seeds = not current_platform.is_cpu()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
         """Sample ``sampling.n`` completions per prompt; per-request seeds make a seeded run reproducible."""
@@ -142,7 +151,7 @@ class VLLMEngine:
 
     def _sampling_params(self, sampling: SamplingConfig, index: int) -> Any:
         seed = None
-        if sampling.seed is not None:  # distinct per (call, prompt); vLLM adds the sample index for n > 1
+        if sampling.seed is not None and self._per_request_seeds:  # per (call, prompt); vLLM adds the sample index
             seed = int(np.random.SeedSequence([sampling.seed, self._calls, index]).generate_state(1)[0])
         return self._sampling_params_cls(
             n=sampling.n,

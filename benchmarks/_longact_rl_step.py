@@ -1,0 +1,84 @@
+"""This project's side of the TRL comparison: one process, the reference workload, per-step wall clock + peak RSS.
+
+Run by ``benchmarks/rl_step_vs_trl.py``; prints one JSON line ``{"step_s": [...], "peak_rss_mb": ..., ...}``.
+The workload is the one of ``shared/tools/trl_anchor.py`` (its own prompt generator is imported, so both sides see
+identical prompts): SmolLM2-135M-Instruct, DAPO (eps 0.2 / 0.28, no KL), 4 prompts x 4 generations per step,
+~500-token needle prompts, <= 32 new tokens, lr 1e-6; LongAct on (top 30 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import resource
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from longact_lightning.callbacks import LongAct
+from longact_lightning.data.datamodule import RolloutDataModule
+from longact_lightning.data.records import PromptRecord
+from longact_lightning.models import EMBEDDED_MODEL
+from longact_lightning.rl.module import RLPolicyModule
+
+ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "trl_anchor.py"
+
+
+def anchor_records(count: int) -> list[PromptRecord]:
+    """The anchor's prompts (same generator, same seed), as PromptRecords scored by substring match."""
+    spec = importlib.util.spec_from_file_location("trl_anchor", ANCHOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines make_prompt; importing trl there is harmless
+    rng = random.Random(0)
+    rows = [module.make_prompt(rng) for _ in range(count)]
+    return [PromptRecord(prompt=r["prompt"][0]["content"], answers=(r["answer"],), task="anchor") for r in rows]
+
+
+class StepClock(Callback):
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true or bf16-mixed")
+    ap.add_argument("--engine-dtype", default="float32")
+    ap.add_argument("--no-longact", action="store_true")
+    args = ap.parse_args()
+
+    pl.seed_everything(0)
+    module = RLPolicyModule(model=EMBEDDED_MODEL, loss_type="dapo", lr=1e-6, micro_batch_size=16, max_grad_norm=1.0)
+    data = RolloutDataModule(
+        source=anchor_records(64),
+        model=EMBEDDED_MODEL,
+        engine="vllm",
+        engine_options={"dtype": args.engine_dtype, "max_model_len": 1024, "cpu_kvcache_space_gib": 1},
+        group_size=4,
+        prompts_per_step=4,
+        max_new_tokens=32,
+        reward="contains_match",
+    )
+    clock = StepClock()
+    callbacks = [clock] + ([] if args.no_longact else [LongAct(top_ratio=0.3)])
+    trainer = pl.Trainer(
+        max_steps=args.steps, accelerator="cpu", devices=1, precision=args.precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=data)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"step_s": clock.seconds, "peak_rss_mb": round(rss)}))
+
+
+if __name__ == "__main__":
+    main()
