@@ -1,6 +1,8 @@
 """This project's side of the TRL comparison: one process, the reference workload, per-step wall clock + peak RSS.
 
-Run by ``benchmarks/rl_step_vs_trl.py``; prints one JSON line ``{"step_s": [...], "peak_rss_mb": ..., ...}``.
+Run by ``benchmarks/rl_step_vs_trl.py`` and ``benchmarks/step_breakdown.py``; prints one JSON line with per-step
+wall clock, the time spent generating and syncing weights, the real tokens the trainer processed, and peak RSS.
+The engine and log-prob functions are wrapped with timers/counters here (benchmark instrumentation only).
 The workload is the one of ``shared/tools/trl_anchor.py`` (its own prompt generator is imported, so both sides see
 identical prompts): SmolLM2-135M-Instruct, DAPO (eps 0.2 / 0.28, no KL), 4 prompts x 4 generations per step,
 ~500-token needle prompts, <= 32 new tokens, lr 1e-6; LongAct on (top 30 %).
@@ -23,7 +25,9 @@ from longact_lightning.callbacks import LongAct
 from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.models import EMBEDDED_MODEL
+from longact_lightning.rl import module as rl_module
 from longact_lightning.rl.module import RLPolicyModule
+from longact_lightning.rollout.vllm_engine import VLLMEngine
 
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "trl_anchor.py"
 
@@ -49,6 +53,34 @@ class StepClock(Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+def instrument() -> dict[str, list[float]]:
+    """Time engine generation and weight sync; count the real tokens each trainer forward processes."""
+    record: dict[str, list[float]] = {"generate_s": [], "sync_s": [], "train_tokens": []}
+
+    def timed(method, key):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            record[key].append(time.perf_counter() - start)
+            return result
+
+        return wrapper
+
+    VLLMEngine.generate = timed(VLLMEngine.generate, "generate_s")
+    VLLMEngine.load_weights = timed(VLLMEngine.load_weights, "sync_s")
+    grouped = rl_module.grouped_completion_logprobs
+
+    def counted(model, input_ids, attention_mask, completion_length, group_ids, *args, **kwargs):
+        prompt = attention_mask[:, : input_ids.shape[1] - completion_length]
+        first = [int((group_ids == g).nonzero()[0]) for g in group_ids.unique()]
+        real = int(prompt[first].sum()) + int(attention_mask[:, -completion_length:].sum())
+        record["train_tokens"].append(float(real))
+        return grouped(model, input_ids, attention_mask, completion_length, group_ids, *args, **kwargs)
+
+    rl_module.grouped_completion_logprobs = counted
+    return record
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
@@ -57,6 +89,7 @@ def main() -> None:
     ap.add_argument("--no-longact", action="store_true")
     args = ap.parse_args()
 
+    record = instrument()
     pl.seed_everything(0)
     module = RLPolicyModule(model=EMBEDDED_MODEL, loss_type="dapo", lr=1e-6, micro_batch_size=16, max_grad_norm=1.0)
     data = RolloutDataModule(
@@ -77,7 +110,7 @@ def main() -> None:
     )
     trainer.fit(module, datamodule=data)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"step_s": clock.seconds, "peak_rss_mb": round(rss)}))
+    print(json.dumps({"step_s": clock.seconds, "peak_rss_mb": round(rss), **record}))
 
 
 if __name__ == "__main__":

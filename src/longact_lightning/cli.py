@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from longact_lightning.callbacks import LongAct, RunSummary
 from longact_lightning.data.datamodule import RolloutDataModule
+from longact_lightning.models import EMBEDDED_MODEL, check_model_path
 from longact_lightning.rl.module import RLPolicyModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -116,6 +117,20 @@ class LongActCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "profile": {"model", "datamodule"}, "eval": {"model", "datamodule"}}
 
+    def before_instantiate_classes(self) -> None:
+        """Reject a model or tokenizer path that does not exist as a parser error naming the key, before anything
+        (model, engine, trainer, log directories) is built."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+        for key in ("model.model", "model.tokenizer"):
+            value = config.get(key)
+            if value is None or value == EMBEDDED_MODEL:
+                continue
+            try:
+                check_model_path(str(value))
+            except FileNotFoundError as error:
+                parser.error(f'Parser key "{key}": {error}')
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.model")
         parser.add_lightning_class_args(LongAct, "longact")
@@ -145,8 +160,17 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LongActCLI:
 
 
 def main() -> None:
-    """The ``longact`` console script."""
-    cli_main()
+    """The ``longact`` console script.
+
+    A run stopped by SIGTERM has saved its checkpoint (``checkpoint.save_on_exception``); it exits with the
+    conventional 128 + 15 rather than Lightning's 0, so a scheduler can tell it apart from a finished run.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        cli_main()
+    except SIGTERMException:
+        raise SystemExit(143) from None
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def load_causal_lm(name_or_path: str, dtype: str | torch.dtype = "float32", **kw
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
-    _check_local_path(path)
+    check_model_path(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=_as_dtype(dtype), **kwargs)
 
 
@@ -94,14 +94,14 @@ def load_tokenizer(name_or_path: str, **kwargs):
     from transformers import AutoTokenizer
 
     path = resolve_model(name_or_path)
-    _check_local_path(path)
+    check_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _check_local_path(path: str) -> None:
+def check_model_path(path: str) -> None:
     """Fail before any work when a path that cannot be a hub id (``org/name``) does not exist."""
     expanded = Path(path).expanduser()
     could_be_hub_id = not expanded.is_absolute() and not path.startswith((".", "~")) and path.count("/") <= 1

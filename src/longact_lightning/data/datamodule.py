@@ -5,6 +5,14 @@ training step (``training_step(dataloader_iter)``), after the previous optimizer
 policy's weights into the engine right before generating. So the rollouts used at step ``t`` come from the weights
 after step ``t - 1``. That is why the DataLoader has no workers and no batching of its own: the engine lives in this
 process and each item already is a full training batch.
+
+Under data parallelism (DDP, FSDP) every rank has its own DataModule and engine. Rank ``r`` of ``W`` takes the
+records ``r, r + W, r + 2W, ...`` of each pass of the source, samples with its own seed, and the ranks agree on every
+batch boundary (one small all-gather per batch): a pass ends for all ranks as soon as it ends for one, and a rank
+whose dynamic sampling gives up stops them all with the same error, so no rank is left waiting in a collective. The
+checkpointed stream position holds every rank's position, so a resumed run with the same world size replays no
+consumed prompt (with a different world size every rank continues after the furthest position: still no replay, at
+most a few unseen records skipped).
 """
 
 from __future__ import annotations
@@ -12,10 +20,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
@@ -27,6 +36,7 @@ from longact_lightning.models import load_tokenizer
 from longact_lightning.rollout import build_engine
 from longact_lightning.rollout.base import Rollout, RolloutEngine, SamplingConfig
 from longact_lightning.rollout.batch import RolloutBatch
+from longact_lightning.saliency.projections import clean_name
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +69,8 @@ class RolloutDataModule(LightningDataModule):
         temperature: sampling temperature; the RL module must score with the same one.
         top_p: nucleus sampling mass.
         max_new_tokens: completion length limit ``L_max``.
-        seed: base seed of the sampling (``None`` = unseeded).
+        seed: base seed of the sampling (``None`` = unseeded). Rank 0 uses it as is; rank ``r > 0`` of a
+            data-parallel run derives its own from ``(seed, r)``, so ranks never sample identical completions.
         max_prompt_tokens: prompts longer than this after the chat template are dropped, counted and logged;
             ``None`` keeps all.
         dynamic_sampling: DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage, no
@@ -74,7 +85,9 @@ class RolloutDataModule(LightningDataModule):
         reward: a metric name of ``longact_lightning.rl.rewards.METRICS``, an import path ``package.module:function``,
             or a callable ``(completion_text, record) -> float``; ``None`` = each task's official metric.
         sync_every_n_steps: push the policy's weights into the engine when at least this many optimizer steps
-            happened since the last push (1 = strictly on-policy).
+            happened since the last push (1 = strictly on-policy). Sharded parameters are gathered first: FSDP2
+            DTensors with ``full_tensor()``, FSDP1 (``FSDPStrategy``) with ``summon_full_params`` (the whole model
+            once per sync on every rank, so budget that memory).
     """
 
     def __init__(
@@ -131,6 +144,8 @@ class RolloutDataModule(LightningDataModule):
         self.overlong_penalty = overlong_penalty
         self.mask_truncated = mask_truncated
         self.sync_every_n_steps = sync_every_n_steps
+        self._base_seed = seed
+        self._rank, self._world = 0, 1  # data-parallel position, known in `setup`
         self._explicit_reward = _resolve_reward(reward)
         self._rewards: dict[str | None, Any] = {}  # task (None = the explicit reward) -> SafeReward
         self._engine: RolloutEngine | None = None
@@ -138,9 +153,13 @@ class RolloutDataModule(LightningDataModule):
         self._policy: torch.nn.Module | None = None
         self._step_fn: Callable[[], int] | None = None
         self._synced_step: int | None = None
-        # stream position: records pulled from the current pass of the source; checkpointed
+        # stream position: (pass, index after the last record this rank pulled in that pass); checkpointed
         self._epoch = 0
         self._consumed = 0
+        # every rank's position after the last yielded batch (what a checkpoint stores) and a loaded one not yet
+        # applied (the rank is known only once training starts)
+        self._positions: list[tuple[int, int]] = [(0, 0)]
+        self._pending_positions: list[tuple[int, int]] | None = None
         self.totals = {"dropped_long_prompts": 0, "dropped_groups": 0, "generation_rounds": 0, "weight_syncs": 0}
         self.metrics: dict[str, float] = {}  # the last batch's rollout metrics, also sent to the trainer's loggers
 
@@ -157,6 +176,8 @@ class RolloutDataModule(LightningDataModule):
             options = dict(self.engine_options)
             if self.engine_kind == "vllm":
                 options.setdefault("seed", self.sampling.seed or 0)
+            elif self.trainer is not None:
+                options.setdefault("device", str(self.trainer.strategy.root_device))  # this rank's device
             self._engine = build_engine(self.engine_kind, self.model, **options)
         return self._engine
 
@@ -175,16 +196,28 @@ class RolloutDataModule(LightningDataModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Hand the tokenizer to the source and pull one record, so an empty source or a task without a default
-        reward fails before training starts."""
+        """Learn this rank's data-parallel position, hand the tokenizer to the source and pull the first records, so
+        an empty source (or one with fewer records than ranks) or a task without a default reward fails before
+        training starts."""
         if stage != "fit":
             return
+        if self.trainer is not None:
+            self._rank, self._world = int(self.trainer.global_rank), int(self.trainer.world_size)
+        seed = self._base_seed
+        if seed is not None and self._rank > 0:
+            seed = int(np.random.SeedSequence([seed, self._rank]).generate_state(1)[0])
+        self.sampling = replace(self.sampling, seed=seed)
         if isinstance(self.source, PromptSource):
             self.source.connect(self.tokenizer)
-        first = next(iter(self.source), None)
-        if first is None:
+        first = list(islice(iter(self.source), self._world))
+        if not first:
             raise ValueError(f"Prompt source {self.source!r} yielded no record; point it at non-empty data.")
-        self._reward_for(first.task)
+        if len(first) < self._world:
+            raise ValueError(
+                f"Prompt source {self.source!r} has {len(first)} record(s) for {self._world} data-parallel ranks; "
+                "every rank needs at least one. Use more records or fewer devices."
+            )
+        self._reward_for(first[0].task)
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -192,14 +225,50 @@ class RolloutDataModule(LightningDataModule):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "prompts_consumed": self._consumed, **self.totals}
+        """The stream position after the last batch handed to training (not counting prompts pulled for a batch
+        still being generated, which a resumed run generates again).
+
+        ``epoch`` / ``prompts_consumed``: the pass and the source index before which every record was consumed (by
+        the rank it belongs to; with one rank simply the records pulled); ``rank_positions``: each rank's own
+        ``[epoch, index after its last record]``; ``world_size``: their count. The totals are this rank's (rank 0's
+        in a checkpoint).
+        """
+        positions = self._pending_positions or self._positions
+        world = len(positions)
+        # rank r's next own record is the first index >= its position that is congruent to r
+        epoch, consumed = min((e, c + (r - c) % world) for r, (e, c) in enumerate(positions))
+        return {
+            "epoch": epoch,
+            "prompts_consumed": consumed,
+            "rank_positions": [list(p) for p in positions],
+            "world_size": world,
+            **self.totals,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._epoch = int(state_dict.get("epoch", 0))
-        self._consumed = int(state_dict.get("prompts_consumed", 0))
+        epoch, consumed = int(state_dict.get("epoch", 0)), int(state_dict.get("prompts_consumed", 0))
+        positions = state_dict.get("rank_positions") or [[epoch, consumed]]
+        # applied when the stream starts, once this rank's data-parallel position is certainly known
+        self._pending_positions = [(int(e), int(c)) for e, c in positions]
         for key in self.totals:
             self.totals[key] = int(state_dict.get(key, 0))
+
+    def _apply_pending_position(self) -> None:
+        """Take this rank's position from a loaded state: its own entry if the world size is unchanged, else the
+        furthest of all ranks (no consumed record comes back; a few unseen ones may be skipped)."""
+        positions = self._pending_positions
+        if positions is None:
+            return
+        if len(positions) == self._world:
+            self._epoch, self._consumed = positions[self._rank]
+        else:
+            self._epoch, self._consumed = max(positions)
+            log.warning(
+                "Resuming a prompt stream saved by %d rank(s) on %d: every rank continues after the furthest saved "
+                "position %s, so no consumed prompt is replayed but up to a few unseen ones are skipped.",
+                len(positions), self._world, max(positions),
+            )  # fmt: skip
 
     def prompt_ids(self, record: PromptRecord) -> list[int]:
         """Chat template with the record as the user turn, the assistant header, then ``record.answer_prefix``."""
@@ -208,6 +277,9 @@ class RolloutDataModule(LightningDataModule):
         return self.tokenizer(text + record.answer_prefix, add_special_tokens=False)["input_ids"]
 
     def _batches(self) -> Iterator[RolloutBatch]:
+        self._apply_pending_position()
+        self._pending_positions = None
+        pass_epoch = self._epoch
         prompts = self._prompts()
         while True:
             kept: list[_ScoredGroup] = []
@@ -215,6 +287,10 @@ class RolloutDataModule(LightningDataModule):
             exhausted = False
             timings = {"sync_s": 0.0, "generate_s": 0.0}
             rounds_allowed = self.max_generation_rounds if self.dynamic_sampling else 1
+            # Every rank syncs here, even one without prompts left: gathering sharded weights is a collective.
+            start = time.perf_counter()
+            self._sync_weights()
+            timings["sync_s"] += time.perf_counter() - start
             while len(kept) < self.prompts_per_step and rounds < rounds_allowed:
                 chunk = list(islice(prompts, self.prompts_per_step - len(kept)))
                 if not chunk:
@@ -222,7 +298,7 @@ class RolloutDataModule(LightningDataModule):
                     break
                 rounds += 1
                 start = time.perf_counter()
-                self._sync_weights()
+                self._sync_weights()  # a no-op unless the step advanced since the batch started (never under DDP)
                 timings["sync_s"] += time.perf_counter() - start
                 start = time.perf_counter()
                 groups = self.engine.generate([ids for _, ids in chunk], self.sampling)
@@ -234,7 +310,17 @@ class RolloutDataModule(LightningDataModule):
                         continue
                     kept.append(scored)
             self._record_metrics(kept, dropped, rounds, timings)
-            if kept:
+            failed = not kept and not exhausted
+            ranks = self._agree(bool(kept), exhausted, failed)
+            if any(r["failed"] for r in ranks):
+                where = "" if self._world == 1 else f" on rank {next(i for i, r in enumerate(ranks) if r['failed'])}"
+                count = f"all {dropped} groups" if failed else "all groups"
+                raise RuntimeError(
+                    f"Dynamic sampling dropped {count} in max_generation_rounds={rounds_allowed}{where}: every "
+                    "group's rewards were identical. Raise max_generation_rounds, use easier prompts or a larger "
+                    "group_size, or set dynamic_sampling=False."
+                )
+            if all(r["has_batch"] for r in ranks):
                 yield RolloutBatch.from_groups(
                     [g.rollouts for g in kept],
                     [g.rewards for g in kept],
@@ -242,21 +328,36 @@ class RolloutDataModule(LightningDataModule):
                     correct=[g.correct for g in kept],
                     mask_truncated=self.mask_truncated,
                 )
-            elif not exhausted:
-                raise RuntimeError(
-                    f"Dynamic sampling dropped all {dropped} groups in max_generation_rounds={rounds_allowed}: every "
-                    "group's rewards were identical. Raise max_generation_rounds, use easier prompts or a larger "
-                    "group_size, or set dynamic_sampling=False."
-                )
-            if exhausted:
+            elif kept:
+                log.warning(
+                    "The pass over the prompt source ended on another rank; %d group(s) generated here are dropped so "
+                    "that all ranks start the next pass together.", len(kept),
+                )  # fmt: skip
+            if any(r["exhausted"] for r in ranks) or not all(r["has_batch"] for r in ranks):
+                # The pass ends for every rank at once (records left on other ranks are skipped this pass).
+                self._epoch, self._consumed = pass_epoch + 1, 0
+                self._positions = [(pass_epoch + 1, 0)] * self._world
                 return
 
+    def _agree(self, has_batch: bool, exhausted: bool, failed: bool) -> list[dict[str, Any]]:
+        """Every rank's position and batch status after building a batch (one all-gather under data parallelism);
+        the positions become what the next checkpoint stores."""
+        local = [self._epoch, self._consumed, int(has_batch), int(exhausted), int(failed)]
+        rows = [local]
+        trainer = self.trainer
+        if self._world > 1 and trainer is not None and torch.distributed.is_initialized():
+            tensor = torch.tensor(local, dtype=torch.long, device=trainer.strategy.root_device)
+            rows = trainer.strategy.all_gather(tensor).reshape(self._world, len(local)).tolist()
+        self._positions = [(int(r[0]), int(r[1])) for r in rows]
+        return [{"has_batch": bool(r[2]), "exhausted": bool(r[3]), "failed": bool(r[4])} for r in rows]
+
     def _prompts(self) -> Iterator[tuple[PromptRecord, list[int]]]:
-        """Records of the current pass with their token ids, skipping the ones a checkpoint says were consumed and
-        dropping over-long ones; a finished pass starts the next epoch."""
+        """This rank's records of the current pass (every ``world_size``-th, from index ``rank``) with their token
+        ids, skipping the ones a checkpoint says were consumed and dropping over-long ones; a finished pass starts
+        the next epoch."""
         skip = self._consumed
         for index, record in enumerate(self.source):
-            if index < skip:
+            if index < skip or index % self._world != self._rank:
                 continue
             self._consumed = index + 1
             ids = self.prompt_ids(record)
@@ -278,7 +379,16 @@ class RolloutDataModule(LightningDataModule):
         step = int(self._step_fn())
         if self._synced_step is not None and step - self._synced_step < self.sync_every_n_steps:
             return
-        self.engine.load_weights(self._policy.named_parameters())
+        strategy = getattr(self.trainer, "strategy", None)
+        fsdp1_root = _fsdp1_root(strategy)
+        if fsdp1_root is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            # FSDP1 (use_orig_params): outside forward/backward the parameters are views of this rank's flat shard.
+            with FullyShardedDataParallel.summon_full_params(fsdp1_root, writeback=False, rank0_only=False):
+                self.engine.load_weights(_full_named_parameters(self._policy))
+        else:
+            self.engine.load_weights(_full_named_parameters(self._policy))
         self._synced_step = step
         self.totals["weight_syncs"] += 1
 
@@ -343,6 +453,29 @@ class _RolloutStream(IterableDataset):
 
 def _identity(batch: RolloutBatch) -> RolloutBatch:
     return batch
+
+
+def _full_named_parameters(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's parameters under their HF names as full tensors: FSDP2 DTensors gathered with ``full_tensor()``
+    (a collective: every rank iterates all of them), wrapper segments (FSDP1, activation checkpointing, compile)
+    removed from the names."""
+    for name, param in policy.named_parameters():
+        data = param.detach()
+        if hasattr(data, "full_tensor"):
+            data = data.full_tensor()
+        yield clean_name(name), data
+
+
+def _fsdp1_root(strategy: Any) -> torch.nn.Module | None:
+    """The outermost FSDP1 unit when the strategy is Lightning's ``FSDPStrategy``, else ``None``."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(strategy, FSDPStrategy):
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = strategy.model
+    return model if isinstance(model, FullyShardedDataParallel) else None
 
 
 def _resolve_reward(reward: str | RewardFn | None) -> RewardFn | None:

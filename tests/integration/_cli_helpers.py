@@ -1,0 +1,258 @@
+"""Helpers for the CLI tests: a tiny saved model, a run config, a verification callback and a logging reward.
+
+The CLI runs in subprocesses (Lightning's ``ddp`` launcher re-executes the command for rank 1), so what those
+processes need lives here and is named by import path in the config (``tests.integration._cli_helpers...``): the
+subprocesses run with the repository root on ``PYTHONPATH``. Both talk back through files in ``$LONGACT_TEST_OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+
+from longact_lightning.data.records import PromptRecord
+from longact_lightning.saliency.projections import clean_name
+
+OUT_ENV = "LONGACT_TEST_OUT"
+SLEEP_ENV = "LONGACT_TEST_STEP_SLEEP"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama-GQA (hidden 64) with the embedded SmolLM2 tokenizer, saved in HF format: loads in
+    milliseconds, and every config's tokenizer-dependent part (chat template, RULER sizing) still works."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from longact_lightning.models import load_tokenizer
+
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_run_config(path: Path, model_dir: Path, out: Path, **overrides: Any) -> Path:
+    """A small CPU run of the real CLI: tiny model, RULER niah_single_1 at 512 tokens, HF engine, G=2, 2 prompts per
+    step, 8 new tokens, LongAct at 0.3, a checkpoint every step. ``overrides`` take dotted keys
+    (``trainer.max_steps``)."""
+    config: dict[str, Any] = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "max_steps": 3,
+            "log_every_n_steps": 1,
+            "default_root_dir": str(out),
+            "logger": [
+                {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(out), "name": "logs", "version": ""},
+                }
+            ],
+            "callbacks": [{"class_path": "tests.integration._cli_helpers.RunRecorder"}],
+        },
+        "longact": {"top_ratio": 0.3, "mode": "high"},
+        "checkpoint": {"dirpath": str(out / "checkpoints"), "every_n_train_steps": 1},
+        "model": {
+            "model": str(model_dir),
+            "loss_type": "dapo",
+            "lr": 1e-2,  # large, so that trainable rows visibly move in a few steps
+            "weight_decay": 0.1,  # decoupled decay: frozen rows must not shrink either
+            "micro_batch_size": 4,
+            "max_grad_norm": 1.0,
+        },
+        "data": {
+            "source": {
+                "class_path": "longact_lightning.data.ruler.RulerSource",
+                "init_args": {"task": "niah_single_1", "target_length": 512, "num_samples": 64, "seed": 0},
+            },
+            "engine": "hf",
+            "engine_options": {"dtype": "float32", "max_batch_sequences": 8},
+            "group_size": 2,
+            "prompts_per_step": 2,
+            "max_new_tokens": 8,
+            "dynamic_sampling": False,
+            "reward": "tests.integration._cli_helpers:logged_reward",
+        },
+    }
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def subprocess_env(out: Path, **extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: repository root importable, 1 thread, no inherited DDP variables."""
+    drop = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+        COLUMNS="200",
+        **{OUT_ENV: str(out)},
+        **extra,
+    )
+    return env
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def logged_reward(completion: str, record: PromptRecord) -> float:
+    """A reward with signal on any model (parity of the completion's CRC32) that logs which record it scored and on
+    which rank, to ``$LONGACT_TEST_OUT/prompts_rank{r}.jsonl``."""
+    out = os.environ.get(OUT_ENV)
+    if out:
+        line = {"rank": _rank(), "index": record.metadata.get("index"), "pid": os.getpid()}
+        with open(Path(out) / f"prompts_rank{_rank()}.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+    return float(zlib.crc32(completion.encode()) % 2)
+
+
+class RunRecorder(pl.Callback):
+    """Records what the tests check, per rank, into ``$LONGACT_TEST_OUT``:
+
+    * ``progress_rank{r}.json`` after every step (global step, pid), so a test knows when to signal;
+    * ``rank{r}.json`` at the end of fit: the global step at train start and end, the DataModule's state and rank,
+      and the frozen-row verdict: every Q/K row the LongAct mask leaves frozen is bit-identical at the end to its
+      value at train start *and* to the untouched model directory on disk (so it held across a kill and resume),
+      some selected row moved, and non-Q/K weights moved;
+    * ``rank{r}.pt``: the LongAct row masks at train start (after any checkpoint restore) and at the end, and a
+      digest of every parameter (to compare ranks).
+
+    ``$LONGACT_TEST_STEP_SLEEP`` seconds of sleep after each step pace a run for the signal tests.
+    """
+
+    def __init__(self) -> None:
+        self.out = Path(os.environ[OUT_ENV])
+        self.sleep = float(os.environ.get(SLEEP_ENV, "0"))
+        self.start_step = -1
+        self.steps: list[int] = []
+        self.start_params: dict[str, torch.Tensor] = {}
+        self.start_masks: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _longact(trainer: pl.Trainer):
+        from longact_lightning.callbacks import LongAct
+
+        return next(cb for cb in trainer.callbacks if isinstance(cb, LongAct))
+
+    @staticmethod
+    def _params(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return {clean_name(n): p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start_step = trainer.global_step
+        self.start_params = self._params(pl_module)
+        self.start_masks = {k: v.clone() for k, v in self._longact(trainer).row_mask.masks.items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append(trainer.global_step)
+        progress = {"global_step": trainer.global_step, "pid": os.getpid(), "time": time.time()}
+        (self.out / f"progress_rank{trainer.global_rank}.json").write_text(json.dumps(progress))
+        if self.sleep:
+            time.sleep(self.sleep)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rank = trainer.global_rank
+        longact = self._longact(trainer)
+        masks = {k: v.clone() for k, v in longact.row_mask.masks.items()}
+        final = self._params(pl_module)
+        disk = _disk_weights(pl_module)
+        failures: list[str] = []
+        if not masks:
+            failures.append("LongAct selected no masks")
+        selected = frozen = 0
+        for name, mask in masks.items():
+            now, start, init = final[name], self.start_params[name], disk[name]
+            frozen_rows = ~mask
+            selected += int(mask.sum())
+            frozen += int(frozen_rows.sum())
+            if not torch.equal(now[frozen_rows], start[frozen_rows]):
+                failures.append(f"{name}: frozen rows changed since train start")
+            if not torch.equal(now[frozen_rows], init[frozen_rows]):
+                failures.append(f"{name}: frozen rows differ from the initial model on disk")
+            if mask.any() and torch.equal(now[mask], init[mask]):
+                failures.append(f"{name}: no selected row moved")
+        others = [n for n in final if n not in masks and n.endswith("v_proj.weight")]
+        if not others or any(torch.equal(final[n], disk[n]) for n in others):
+            failures.append(f"v_proj weights did not move: {others}")
+        datamodule = trainer.datamodule
+        verdict = {
+            "rank": rank,
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "start_step": self.start_step,
+            "steps": self.steps,
+            "global_step": trainer.global_step,
+            "datamodule_rank": [datamodule._rank, datamodule._world],
+            "datamodule_state": datamodule.state_dict(),
+            "sampling_seed": datamodule.sampling.seed,
+            "masked_params": len(masks),
+            "selected_rows": selected,
+            "frozen_rows": frozen,
+            "failures": failures,
+            "ok": not failures,
+        }
+        (self.out / f"rank{rank}.json").write_text(json.dumps(verdict, indent=1))
+        digest = {n: float(p.double().sum()) for n, p in final.items()}
+        torch.save({"start_masks": self.start_masks, "end_masks": masks, "digest": digest}, self.out / f"rank{rank}.pt")
+
+
+def _disk_weights(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    """The weights of the model directory the run started from, under the LightningModule's parameter names."""
+    from safetensors.torch import load_file
+
+    directory = Path(pl_module.hparams.model)
+    state = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(file))
+    weights = {}
+    for name, _ in pl_module.named_parameters():
+        name = clean_name(name)
+        hf_name = name.removeprefix("policy.")
+        if hf_name in state:
+            weights[name] = state[hf_name]
+    return weights
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
