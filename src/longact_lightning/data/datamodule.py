@@ -30,7 +30,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from longact_lightning.data.records import PromptRecord
+from longact_lightning.data.records import PromptRecord, chat_prompt_ids
 from longact_lightning.data.sources import PromptSource
 from longact_lightning.models import load_tokenizer
 from longact_lightning.rollout import build_engine
@@ -272,9 +272,7 @@ class RolloutDataModule(LightningDataModule):
 
     def prompt_ids(self, record: PromptRecord) -> list[int]:
         """Chat template with the record as the user turn, the assistant header, then ``record.answer_prefix``."""
-        messages = [{"role": "user", "content": record.prompt}]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text + record.answer_prefix, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, record)
 
     def _batches(self) -> Iterator[RolloutBatch]:
         self._apply_pending_position()

@@ -1,4 +1,4 @@
-"""The prompt record every source yields and every reward function scores."""
+"""The prompt record every source yields and every reward function scores, and the token ids a policy sees for it."""
 
 from __future__ import annotations
 
@@ -27,3 +27,15 @@ class PromptRecord:
     task: str
     answer_prefix: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def chat_prompt_ids(tokenizer: Any, record: PromptRecord) -> list[int]:
+    """``chat_template(user: record.prompt) + assistant header + record.answer_prefix`` as token ids.
+
+    A tokenizer without a chat template gets the bare prompt (RULER's ``base`` template).
+    """
+    text = record.prompt
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": record.prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text + record.answer_prefix, add_special_tokens=False)["input_ids"]
