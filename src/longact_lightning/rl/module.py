@@ -36,9 +36,9 @@ class RLPolicyModule(pl.LightningModule):
     normaliser counts the whole step (all micro-batches, all ranks), so micro-batching and data parallelism do not
     change the loss (DAPO's token-level mean in particular).
 
-    The policy is built in ``__init__`` rather than ``configure_model``: callbacks (saliency profiling, row masks) look
-    for the HF model in their ``setup`` hook, which Lightning runs *before* ``configure_model``. The cost is that each
-    rank materialises the full model before sharding, which is what ``from_pretrained`` does anyway.
+    The policy is built in ``__init__`` (``from_pretrained`` materialises the full model on every rank anyway), so
+    DDP and Lightning's ``FSDPStrategy`` wrap it as usual; FSDP2 would need a ``configure_model`` applying
+    ``fully_shard``, which this module does not have yet.
 
     Args:
         model: HF model directory, hub id, or ``"smollm2-135m-instruct"`` (the embedded model).
