@@ -91,7 +91,8 @@ def main() -> None:
 
     record = instrument()
     pl.seed_everything(0)
-    module = RLPolicyModule(model=EMBEDDED_MODEL, loss_type="dapo", lr=1e-6, micro_batch_size=16, max_grad_norm=1.0)
+    # One group per micro-batch: the shared prompt is still encoded once, and activations stay 4x smaller.
+    module = RLPolicyModule(model=EMBEDDED_MODEL, loss_type="dapo", lr=1e-6, micro_batch_size=4, max_grad_norm=1.0)
     data = RolloutDataModule(
         source=anchor_records(64),
         model=EMBEDDED_MODEL,

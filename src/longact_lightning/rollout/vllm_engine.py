@@ -48,7 +48,7 @@ class VLLMEngine:
             rest. Ignored on CPU.
         enable_sleep_mode: GPU only: offload the weights and free the KV cache after each ``generate`` (vLLM sleep
             level 1) so that the optimizer step has the memory, and wake them up before the next sync / generation.
-        cpu_kvcache_space_gib: CPU backend only: KV cache size in GiB, exported as ``VLLM_CPU_KVCACHE_SPACE`` unless
+        cpu_kvcache_space_gib: CPU backend only: KV cache size in whole GiB, exported as ``VLLM_CPU_KVCACHE_SPACE`` unless
             that variable is already set.
         enforce_eager: skip graph capture / compilation (faster start, slower decoding).
         logprobs_mode: ``"processed"`` or ``"raw"``, see above.
@@ -67,7 +67,7 @@ class VLLMEngine:
         seed: int = 0,
         gpu_memory_utilization: float = 0.3,
         enable_sleep_mode: bool = False,
-        cpu_kvcache_space_gib: float | None = None,
+        cpu_kvcache_space_gib: int | None = None,
         enforce_eager: bool = True,
         logprobs_mode: LogprobsMode = "processed",
         engine_kwargs: dict[str, Any] | None = None,
@@ -82,7 +82,7 @@ class VLLMEngine:
                 "engine must run in-process; unset the variable or set it to 0."
             )
         if cpu_kvcache_space_gib is not None:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kvcache_space_gib:g}")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kvcache_space_gib)))
         # On CPU, vLLM drops the process's torch intra-op threads to 1 for serving unless OMP_NUM_THREADS is set; the
         # engine shares the process with the trainer, whose matmuls need every core.
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
