@@ -1,0 +1,98 @@
+"""The ablation's statistics: Student-t quantiles/CDF, mean ± 95 % CI over seeds, the paired comparison vs ``none``,
+and the summary table built from run results."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from longact_lightning.eval.ablation import mean_ci, paired_difference, summary_rows, t_cdf, t_quantile
+
+# Two-sided 95 % critical values t_{0.975, dof} from standard tables.
+T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 9: 2.262157, 30: 2.042272}
+
+
+@pytest.mark.parametrize("dof", sorted(T975))
+def test_t_quantile_matches_tables(dof):
+    assert t_quantile(0.975, dof) == pytest.approx(T975[dof], abs=1e-5)
+    assert t_quantile(0.025, dof) == pytest.approx(-T975[dof], abs=1e-5)
+    assert t_cdf(T975[dof], dof) == pytest.approx(0.975, abs=1e-7)
+
+
+def test_t_cdf_closed_forms():
+    # dof = 1 is Cauchy: F(t) = 1/2 + atan(t)/pi; dof = 2: F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
+    for t in (-3.0, -0.5, 0.0, 0.7, 2.5, 40.0):
+        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-10)
+        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-10)
+    # large dof tends to the normal: Phi(1.959964) = 0.975
+    assert t_cdf(1.959964, 1e6) == pytest.approx(0.975, abs=1e-5)
+
+
+def test_mean_ci_by_hand():
+    values = [50.0, 56.25, 62.5]  # mean 56.25, sd 6.25
+    ci = mean_ci(values)
+    assert ci.n == 3 and ci.mean == pytest.approx(56.25)
+    assert ci.sd == pytest.approx(6.25)
+    assert ci.half_width == pytest.approx(T975[2] * 6.25 / math.sqrt(3), abs=1e-4)  # 15.5256
+    assert (ci.low, ci.high) == pytest.approx((56.25 - ci.half_width, 56.25 + ci.half_width))
+
+
+def test_mean_ci_degenerate_cases():
+    one = mean_ci([70.0])
+    assert one.mean == 70.0 and math.isnan(one.half_width)
+    same = mean_ci([40.0, 40.0, 40.0])
+    assert same.half_width == 0.0
+    with pytest.raises(ValueError):
+        mean_ci([])
+
+
+def test_paired_difference_uses_shared_seeds_only():
+    treatment = {0: 60.0, 1: 65.0, 2: 70.0, 3: 99.0}
+    control = {0: 55.0, 1: 62.0, 2: 64.0}  # seed 3 has no control: left out
+    diff = paired_difference(treatment, control)
+    assert diff.keys == (0, 1, 2)
+    assert diff.differences == (5.0, 3.0, 6.0)
+    mean, sd = 14.0 / 3, math.sqrt(((5 - 14 / 3) ** 2 + (3 - 14 / 3) ** 2 + (6 - 14 / 3) ** 2) / 2)
+    assert diff.interval.mean == pytest.approx(mean)
+    assert diff.interval.half_width == pytest.approx(T975[2] * sd / math.sqrt(3), abs=1e-4)
+    t = mean / (sd / math.sqrt(3))
+    assert diff.t == pytest.approx(t)
+    # two-sided p from the dof-2 closed form
+    assert diff.p_value == pytest.approx(2 * (1 - (0.5 + t / (2 * math.sqrt(2 + t * t)))), abs=1e-9)
+
+
+def test_paired_difference_is_more_sensitive_than_unpaired_when_seeds_shift_both_arms():
+    # A seed effect common to both arms (+-10) hides a constant +2 gain in the unpaired intervals, not in the paired
+    # one.
+    control = {0: 40.0, 1: 50.0, 2: 60.0}
+    treatment = {s: v + 2.0 for s, v in control.items()}
+    assert mean_ci(list(treatment.values())).low < mean_ci(list(control.values())).high  # unpaired CIs overlap
+    diff = paired_difference(treatment, control)
+    assert diff.interval.mean == 2.0 and diff.interval.half_width == 0.0
+    assert diff.p_value == 0.0 and diff.t == math.inf
+
+
+def test_paired_difference_needs_a_shared_seed():
+    with pytest.raises(ValueError):
+        paired_difference({0: 1.0}, {1: 1.0})
+
+
+def _run(arm, seed, acc, curve):
+    return {"arm": arm, "seed": seed, "accuracy": acc, "reward_curve": curve, "train_seconds": 10.0,
+            "eval_seconds": 5.0}  # fmt: skip
+
+
+def test_summary_rows():
+    runs = {
+        "none": {s: _run("none", s, a, [0.5, 0.6, 0.7]) for s, a in zip((0, 1, 2), (50.0, 52.0, 54.0))},
+        "high": {s: _run("high", s, a, [0.5, 0.6, 0.8]) for s, a in zip((0, 1, 2), (51.0, 55.0, 54.0))},
+    }
+    rows = {r["arm"]: r for r in summary_rows(runs)}
+    assert list(rows) == ["high", "none"]  # ARMS order
+    assert rows["none"]["heldout_acc_mean"] == 52.0
+    assert rows["none"]["heldout_acc_ci95"] == pytest.approx(round(T975[2] * 2.0 / math.sqrt(3), 2))
+    assert rows["none"]["diff_vs_none"] == ""
+    assert rows["high"]["diff_vs_none"] == pytest.approx(round((1 + 3 + 0) / 3, 2))
+    assert rows["high"]["reward_last3_mean"] == pytest.approx(round((0.5 + 0.6 + 0.8) / 3, 3))
+    assert rows["high"]["per_seed"] == "0:51.0 1:55.0 2:54.0"
