@@ -3,9 +3,10 @@
 Zeroing a frozen row's gradient is not enough to keep it still: AdamW's decoupled weight decay shrinks every
 parameter it owns, and momentum accumulated before a mask refresh keeps moving a row after it was frozen. So this
 callback (1) zeroes frozen gradient rows in ``on_before_optimizer_step`` — Lightning calls it after AMP unscaling
-and gradient accumulation, before gradient clipping, so the clip norm is that of the masked gradient — and (2) copies
-the frozen rows at that point, just before the update, and writes them back from an ``optimizer.step()`` post-hook, which makes them bit-identical
-whatever the optimizer, its weight decay, momentum or the precision. When a refresh freezes a row that was trainable,
+and gradient accumulation, before gradient clipping, so the clip norm is that of the masked gradient — and (2) keeps a
+copy of the frozen rows, taken when they were frozen, and writes it back from an ``optimizer.step()`` post-hook, which
+makes them bit-identical whatever the optimizer, its weight decay, momentum or the precision. (Frozen rows are pinned
+to their values at freezing time; the copy is taken once per mask change, not per step.) When a refresh freezes a row that was trainable,
 its optimizer moments are cleared so stale momentum cannot resume if it is selected again.
 """
 
@@ -45,7 +46,7 @@ class GradientRowMask(Callback):
         self._frozen: dict[str, LocalRows] = {}
         self._optimizers: list[torch.optim.Optimizer] = []
         self._handles: list[RemovableHandle] = []
-        self._snapshots: dict[str, torch.Tensor] = {}
+        self._pinned: dict[str, torch.Tensor] = {}  # frozen rows' local values at freezing time
         if masks:
             self.set_masks(masks)
 
@@ -92,24 +93,18 @@ class GradientRowMask(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Not an optimizer pre-hook: Lightning runs the closure (and so the selection in ActivationSaliency) inside
-        # ``optimizer.step``, after pre-hooks fire. Parameters do not change between here and the update.
         with torch.no_grad():
             for name, rows in self._frozen.items():
                 grad = rows.local_grad(self._params[name])
                 if grad is not None:
                     grad.index_fill_(0, rows.index, 0)
-            self._snapshots = {
-                name: rows.local_data(self._params[name]).index_select(0, rows.index)
-                for name, rows in self._frozen.items()
-            }
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._snapshots.clear()
+        self._pinned.clear()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -140,13 +135,16 @@ class GradientRowMask(Callback):
             if rows.index.numel():
                 frozen[name] = rows
         self._frozen = frozen
+        with torch.no_grad():
+            self._pinned = {
+                name: rows.local_data(self._params[name]).index_select(0, rows.index) for name, rows in frozen.items()
+            }
 
     def _restore(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         with torch.no_grad():
-            for name, saved in self._snapshots.items():
+            for name, pinned in self._pinned.items():
                 rows = self._frozen[name]
-                rows.local_data(self._params[name]).index_copy_(0, rows.index, saved)
-        self._snapshots = {}
+                rows.local_data(self._params[name]).index_copy_(0, rows.index, pinned)
 
     def _clear_optimizer_state(self, newly_frozen: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
