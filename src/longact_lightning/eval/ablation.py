@@ -326,19 +326,7 @@ def evaluate_model(
     records = list(RulerSource(task, target_length, tokenizer, num_samples=num_samples, seed=seed))
     serving = build_engine(engine, model, **dict(engine_options or {}))
     results = evaluate_records(serving, tokenizer, records, max_tokens)
-    summary = summarize(results)
-    scores = [r.score for r in results]
-    return {
-        "model": model,
-        "accuracy": 100.0 * statistics.fmean(scores),
-        "summary_score": summary["ruler"][0]["score"],
-        "records": len(results),
-        "scores": scores,
-        "predictions": [r.prediction for r in results],
-        "answers": [list(r.answers) for r in results],
-        "truncated": sum(r.truncated for r in results),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    return {**_heldout_result(model, results, started), "summary_score": summarize(results)["ruler"][0]["score"]}
 
 
 def evaluate_export(
@@ -364,10 +352,14 @@ def evaluate_export(
     for file in files:
         engine.load_weights(load_file(str(file)).items())
     records = list(RulerSource(task, target_length, tokenizer, num_samples=num_samples, seed=seed))
-    results = evaluate_records(engine, tokenizer, records, max_tokens)
+    return _heldout_result(str(export_dir), evaluate_records(engine, tokenizer, records, max_tokens), started)
+
+
+def _heldout_result(model: str, results: Sequence[Any], started: float) -> dict[str, Any]:
+    """The JSON-ready record of one held-out evaluation (accuracy in percent, per-record scores and predictions)."""
     scores = [r.score for r in results]
     return {
-        "model": str(export_dir),
+        "model": model,
         "accuracy": 100.0 * statistics.fmean(scores),
         "records": len(results),
         "scores": scores,
