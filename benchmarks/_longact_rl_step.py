@@ -1,7 +1,8 @@
 """This project's side of the TRL comparison: one process, the reference workload, per-step wall clock + peak RSS.
 
 Run by ``benchmarks/rl_step_vs_trl.py`` and ``benchmarks/step_breakdown.py``; prints one JSON line with per-step
-wall clock, the time spent generating and syncing weights, the real tokens the trainer processed, and peak RSS.
+wall clock, the time spent generating and syncing weights, the tokens and model FLOPs the trainer processed, and
+peak RSS.
 The engine and log-prob functions are wrapped with timers/counters here (benchmark instrumentation only).
 The workload is the one of ``shared/tools/trl_anchor.py`` (its own prompt generator is imported, so both sides see
 identical prompts): SmolLM2-135M-Instruct, DAPO (eps 0.2 / 0.28, no KL), 4 prompts x 4 generations per step,
@@ -53,9 +54,26 @@ class StepClock(Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+def model_flops(config, prompt_length: int, completion_lengths: list[int]) -> float:
+    """Forward + backward FLOPs of one group as the trainer scores it, counting useful work only.
+
+    The shared prompt runs once (its last token leads the completions), every real completion token once; linear
+    layers cost 6 FLOPs per weight per token, ``lm_head`` only on completion tokens, and causal attention 12 FLOPs per
+    query-key pair per hidden channel (QK^T and PV, forward + backward), masked-out pairs not counted.
+    """
+    d, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size  # q, o, k, v, gate/up/down
+    shared = prompt_length - 1
+    completion = sum(completion_lengths)
+    linear = 6 * (layers * per_layer * (shared + completion) + config.vocab_size * d * completion)
+    pairs = shared * (shared + 1) / 2 + sum(n * shared + n * (n + 1) / 2 for n in completion_lengths)
+    return linear + 12 * d * layers * pairs
+
+
 def instrument() -> dict[str, list[float]]:
-    """Time engine generation and weight sync; count the real tokens each trainer forward processes."""
-    record: dict[str, list[float]] = {"generate_s": [], "sync_s": [], "train_tokens": []}
+    """Time engine generation and weight sync; count the tokens and model FLOPs of each trainer forward."""
+    record: dict[str, list[float]] = {"generate_s": [], "sync_s": [], "train_tokens": [], "train_flops": []}
 
     def timed(method, key):
         def wrapper(*args, **kwargs):
@@ -71,10 +89,16 @@ def instrument() -> dict[str, list[float]]:
     grouped = rl_module.grouped_completion_logprobs
 
     def counted(model, input_ids, attention_mask, completion_length, group_ids, *args, **kwargs):
-        prompt = attention_mask[:, : input_ids.shape[1] - completion_length]
-        first = [int((group_ids == g).nonzero()[0]) for g in group_ids.unique()]
-        real = int(prompt[first].sum()) + int(attention_mask[:, -completion_length:].sum())
-        record["train_tokens"].append(float(real))
+        prompt = attention_mask[:, : input_ids.shape[1] - completion_length].sum(-1)  # [B]
+        completion = attention_mask[:, -completion_length:].sum(-1)  # [B]
+        tokens = flops = 0.0
+        for group in group_ids.unique():
+            rows = (group_ids == group).nonzero().squeeze(1)
+            lengths = completion[rows].tolist()
+            tokens += int(prompt[rows[0]]) - 1 + sum(lengths)
+            flops += model_flops(model.config, int(prompt[rows[0]]), lengths)
+        record["train_tokens"].append(tokens)
+        record["train_flops"].append(flops)
         return grouped(model, input_ids, attention_mask, completion_length, group_ids, *args, **kwargs)
 
     rl_module.grouped_completion_logprobs = counted
@@ -87,6 +111,8 @@ def main() -> None:
     ap.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true or bf16-mixed")
     ap.add_argument("--engine-dtype", default="float32")
     ap.add_argument("--no-longact", action="store_true")
+    # 4 prompts x (~530 + 4 x 32) tokens with the prompts prefix-cached: ~0.1 GiB of fp32 KV cache.
+    ap.add_argument("--kv-cache-gib", type=float, default=0.25)
     args = ap.parse_args()
 
     record = instrument()
@@ -97,7 +123,11 @@ def main() -> None:
         source=anchor_records(64),
         model=EMBEDDED_MODEL,
         engine="vllm",
-        engine_options={"dtype": args.engine_dtype, "max_model_len": 1024, "cpu_kvcache_space_gib": 1},
+        engine_options={
+            "dtype": args.engine_dtype, "max_model_len": 1024, "kv_cache_gib": args.kv_cache_gib,
+            # sized to the 16 sequences of a step: vLLM's CPU defaults preallocate for 256 sequences
+            "engine_kwargs": {"max_num_seqs": 16, "max_num_batched_tokens": 2048},
+        },
         group_size=4,
         prompts_per_step=4,
         max_new_tokens=32,

@@ -55,7 +55,7 @@ def main() -> None:
         for q in (QUESTIONS * args.prompts)[: args.prompts]
     ]
     start = time.perf_counter()
-    vllm_engine = VLLMEngine(EMBEDDED_MODEL, dtype=args.dtype, max_model_len=1024, cpu_kvcache_space_gib=2)
+    vllm_engine = VLLMEngine(EMBEDDED_MODEL, dtype=args.dtype, max_model_len=1024, kv_cache_gib=2)
     startup = time.perf_counter() - start
     sequences = args.prompts * args.samples
     hf_engine = HFEngine(EMBEDDED_MODEL, dtype=args.dtype, device="cpu", max_batch_sequences=sequences)

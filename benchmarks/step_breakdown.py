@@ -3,8 +3,9 @@
 Runs this project's reference-workload step (``benchmarks/_longact_rl_step.py``: SmolLM2-135M, DAPO, 4x4 rollouts,
 ~500-token prompts, <= 32 new tokens, LongAct on) in fp32 and in bf16-mixed, each in its own process, and reports:
 generation and weight-sync shares of the step, and train-phase MFU = model FLOPs of the tokens the trainer processed
-(6 N per token for forward + backward, N = non-embedding parameters, plus 6 L d T for causal attention at average
-context T) / train-phase time / the bf16 matmul peak of this machine measured here (a 2048^3 bf16 matmul).
+(``_longact_rl_step.model_flops``: linear layers, ``lm_head`` on completion tokens, causal attention) / train-phase
+time (step - generation - weight sync: forward, backward, optimizer, LongAct, logging) / the bf16 matmul peak of this
+machine measured here (a 2048^3 bf16 matmul).
 
 Usage: python -m benchmarks.step_breakdown [--steps 3]
 """
@@ -22,7 +23,6 @@ from pathlib import Path
 import torch
 
 from benchmarks._machine import record
-from longact_lightning.models import EMBEDDED_MODEL, resolve_model
 
 
 def bf16_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -37,34 +37,29 @@ def bf16_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def flops_per_token(avg_context: float) -> float:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolve_model(EMBEDDED_MODEL))
-    d, layers = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.intermediate_size  # q, o, k, v, gate/up/down
-    return 6 * layers * per_layer + 6 * layers * d * avg_context
-
-
 def run(precision: list[str], steps: int) -> dict:
     cmd = [sys.executable, "-m", "benchmarks._longact_rl_step", "--steps", str(steps + 1), *precision]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
-def summarize(name: str, result: dict, steps: int, peak: float) -> str:
-    # Drop the warm-up step (the first entry of every per-call list belongs to it: one generate, one sync).
-    step = statistics.median(result["step_s"][1:])
-    generate = statistics.median(result["generate_s"][1:])
-    sync = statistics.median(result["sync_s"][1:]) if len(result["sync_s"]) > 1 else 0.0
-    tokens = sum(result["train_tokens"]) / (steps + 1)
-    train = step - generate - sync
-    mfu = tokens * flops_per_token(avg_context=300) / train / peak
+def summarize(name: str, result: dict, peak: float) -> str:
+    """Median over the timed steps (the first step is warm-up: its generate, sync and micro-batches are dropped)."""
+    steps = len(result["step_s"])
+    per_step = len(result["train_flops"]) // steps  # micro-batches per step
+    rows = []
+    for i in range(1, steps):
+        micro = slice(i * per_step, (i + 1) * per_step)
+        train = result["step_s"][i] - result["generate_s"][i] - result["sync_s"][i]
+        rows.append((result["step_s"][i], result["generate_s"][i], result["sync_s"][i], train,
+                     sum(result["train_tokens"][micro]), sum(result["train_flops"][micro])))  # fmt: skip
+    step, generate, sync, train, tokens, flops = (statistics.median(column) for column in zip(*rows))
+    mfu = statistics.median(f / t / peak for *_, t, _, f in rows)
     return (
         f"{name}: step {step:.1f} s = generate {generate:.1f} s ({100 * generate / step:.0f} %) + weight sync "
         f"{sync:.2f} s (**{100 * sync / step:.1f} %**, target <= 5 %) + train {train:.1f} s; train phase "
-        f"{tokens / train:.0f} tok/s, **MFU {100 * mfu:.0f} % of the bf16 peak** (target >= 35 %)"
+        f"{tokens / train:.0f} tok/s, {flops / 1e12:.2f} TFLOP per step, **MFU {100 * mfu:.0f} % of the bf16 peak** "
+        "(target >= 35 %)"
     )
 
 
@@ -79,8 +74,8 @@ def main() -> None:
         "RL step breakdown and train-phase MFU (SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, LongAct on)",
         [
             f"bf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s (2048^3, best of 10)",
-            summarize("fp32", fp32, args.steps, peak),
-            summarize("bf16-mixed (engine bf16)", bf16, args.steps, peak),
+            summarize("fp32", fp32, peak),
+            summarize("bf16-mixed (engine bf16)", bf16, peak),
         ],
     )
 

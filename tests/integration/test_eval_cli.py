@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 TASKS = ("niah_single_1", "vt")
 LENGTH, NUM_SAMPLES, MAX_TOKENS = 1024, 4, 32
-ENGINE_OPTIONS = {"dtype": "float32", "max_model_len": 1100, "cpu_kvcache_space_gib": 1}
+ENGINE_OPTIONS = {"dtype": "float32", "max_model_len": 1100, "kv_cache_gib": 0.5}
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ ATOL = 0.05
 def engine():
     from longact_lightning.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(MODEL, dtype="float32", max_model_len=512, cpu_kvcache_space_gib=1, seed=0)
+    return VLLMEngine(MODEL, dtype="float32", max_model_len=512, kv_cache_gib=0.5, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,11 @@ def _two_groups_of_three():
     return ids, mask, torch.tensor([0, 0, 0, 1, 1, 1])
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", list(TINY_CONFIGS))
-def test_grouped_equals_plain_values_and_gradients(arch):
+def test_grouped_equals_plain_values_and_gradients(arch, attention):
     model = tiny_model(arch).train()
+    model.config._attn_implementation = attention
     ids, mask, groups = _two_groups_of_three()
     real = mask[:, P:].bool()
     results = []
@@ -49,3 +51,21 @@ def test_grouped_rejects_rows_of_one_group_with_different_prompts():
     ids[1, P - 1] += 1
     with pytest.raises(ValueError, match="different prompts"):
         grouped_completion_logprobs(tiny_model("llama_gqa"), ids, mask, C, groups)
+
+
+def test_grouped_with_a_one_token_prompt_is_the_plain_computation():
+    model = tiny_model("llama_gqa").train()
+    ids = torch.randint(3, 90, (2, 1 + C), generator=torch.Generator().manual_seed(2))
+    ids[1, 0] = ids[0, 0]
+    mask = torch.ones_like(ids)
+    grouped, _ = grouped_completion_logprobs(model, ids, mask, C, torch.tensor([0, 0]))
+    plain, _ = completion_logprobs(model, ids, mask, C)
+    assert torch.equal(grouped, plain)
+
+
+def test_grouped_falls_back_to_plain_for_attention_without_4d_masks(monkeypatch):
+    model = tiny_model("llama_gqa")
+    model.config._attn_implementation = "flash_attention_2"
+    ids, mask, groups = _two_groups_of_three()
+    monkeypatch.setattr("longact_lightning.rl.logprobs.completion_logprobs", lambda *args: "plain")
+    assert grouped_completion_logprobs(model, ids, mask, C, groups) == "plain"

@@ -9,8 +9,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
+from transformers import DynamicCache
 
 from longact_lightning.callbacks import ActivationSaliency, GradientRowMask, LongAct
+from longact_lightning.rl.logprobs import grouped_completion_logprobs
 from longact_lightning.saliency import ChannelStats, find_qk_projections
 from tests.conftest import LMModule, random_lm_batches, tiny_model
 
@@ -78,6 +80,45 @@ def test_gradient_checkpointing_does_not_count_tokens_twice():
     saliency = ActivationSaliency(collect_steps=1, row_mask=None)
     _trainer(1, [saliency]).fit(LMModule(model), DataLoader(random_lm_batches(1), batch_size=None))
     expected = float(random_lm_batches(1)[0]["attention_mask"].sum())
+    assert {float(s.count) for s in saliency.stats.values()} == {expected}
+
+
+class _CachedScoringModule(LMModule):
+    """Scores completions behind a cached prompt: packed (as the RL module does) or with a plain 2D-mask cache."""
+
+    def __init__(self, model, packed):
+        super().__init__(model)
+        self.packed = packed
+
+    def training_step(self, batch, batch_idx):
+        ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_length"]
+        if self.packed:
+            logprobs, _ = grouped_completion_logprobs(self.model, ids, mask, completion, batch["group_ids"])
+            return -(logprobs * mask[:, -completion:]).sum()
+        prompt = ids.shape[1] - completion
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache, use_cache=True)
+        return self.model(input_ids=ids[:, prompt:], attention_mask=mask, past_key_values=cache).logits.sum()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_cached_forwards_count_only_real_tokens(packed):
+    g = torch.Generator().manual_seed(0)
+    P, C = 6, 5
+    ids = torch.randint(3, 90, (4, P + C), generator=g)
+    ids[1, :P] = ids[0, :P]
+    ids[3, :P] = ids[2, :P]
+    mask = torch.ones_like(ids)
+    mask[2:, :2] = 0  # second group's prompt is left-padded
+    mask[0, P + 2 :], mask[3, P + 4 :] = 0, 0  # right-padded completions: their columns must not be counted
+    batch = {"input_ids": ids, "attention_mask": mask, "completion_length": C, "group_ids": torch.tensor([0, 0, 1, 1])}
+    saliency = ActivationSaliency(collect_steps=1, row_mask=None)
+    model = _CachedScoringModule(tiny_model("llama_gqa"), packed)
+    _trainer(1, [saliency]).fit(model, DataLoader([batch], batch_size=None))
+    if packed:  # each group's prompt once minus its last token, which leads each completion's real tokens
+        expected = float(mask[[0, 2], :P].sum() - 2 + mask[:, P:].sum())
+    else:  # every row's prompt and completion; with a cache, the mask's last columns belong to the new tokens
+        expected = float(mask.sum())
     assert {float(s.count) for s in saliency.stats.values()} == {expected}
 
 

@@ -217,7 +217,7 @@ class ActivationSaliency(Callback):
             if not self._collecting or self._counted.get(module_name) == self._forward_id:
                 return
             self._counted[module_name] = self._forward_id
-            mask = self._token_mask if self._token_mask is not None and self._token_mask.shape == output.shape[:-1] else None
+            mask = _current_token_mask(self._token_mask, output.shape[:-1])
             with torch.no_grad():  # nothing here may enter the autograd graph (checkpoint recompute compares it)
                 for proj in projs:
                     rows = proj.rows.to(output.device)
@@ -317,3 +317,15 @@ def _find_hf_model(pl_module: pl.LightningModule, model_attr: str | None) -> tup
         )
     name, model = outermost[0]
     return model, f"{name}." if name else ""
+
+
+def _current_token_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """The ``[B, T]`` real-token mask of a forward's ``T`` new tokens, or ``None`` when it cannot be known.
+
+    With a KV cache HF's ``attention_mask`` covers the cached tokens followed by the new ones, so the new tokens'
+    mask is its last ``T`` columns (right-padded completions scored after a shared prompt, for one).
+    """
+    if attention_mask is None or attention_mask.shape[0] != shape[0] or attention_mask.shape[1] < shape[1]:
+        return None
+    return attention_mask[:, attention_mask.shape[1] - shape[1] :]
+

@@ -62,7 +62,7 @@ class RolloutDataModule(LightningDataModule):
             model as the policy's.
         engine: ``"vllm"`` (falls back to ``"hf"`` with a warning when vLLM is missing) or ``"hf"``.
         engine_options: keyword arguments of the engine (``VLLMEngine``: ``dtype``, ``max_model_len``,
-            ``gpu_memory_utilization``, ``enable_sleep_mode``, ``cpu_kvcache_space_gib``, ``enforce_eager``,
+            ``gpu_memory_utilization``, ``enable_sleep_mode``, ``kv_cache_gib``, ``enforce_eager``,
             ``logprobs_mode``, ...; ``HFEngine``: ``dtype``, ``device``, ``max_batch_sequences``, ...).
         group_size: completions per prompt, ``G``.
         prompts_per_step: groups per training batch (fewer when the source runs out or dynamic sampling gives up).

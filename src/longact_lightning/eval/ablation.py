@@ -216,7 +216,7 @@ class AblationSettings:
         if self.engine != "vllm":
             return {"dtype": "float32"}
         max_len = self.target_length + max(self.max_new_tokens, self.eval_max_tokens) + 64
-        return {"dtype": "float32", "max_model_len": max_len, "cpu_kvcache_space_gib": self.kvcache_gib}
+        return {"dtype": "float32", "max_model_len": max_len, "kv_cache_gib": self.kvcache_gib}
 
 
 def run_name(arm: str, seed: int) -> str:

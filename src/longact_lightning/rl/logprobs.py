@@ -76,12 +76,22 @@ def grouped_completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`completion_logprobs`, running each group's shared prompt through the model once instead of G times.
 
-    The G completions of a prompt share it token for token, so the prompt is encoded once per group (keeping its KV
-    cache in the autograd graph), the cache is indexed out to the group's G rows, and only the completions run per
-    row. For a P-token prompt and C-token completions that is ``P + G*C`` instead of ``G*(P + C)`` tokens forward and
-    backward — about G times less work when P >> C, which is the long-context RL regime. Gradients flow through the
-    indexed cache into the prompt pass, so they equal the plain computation's. Needs the KV cache, so it cannot run
-    under HF gradient checkpointing (which drops it).
+    The G completions of a prompt share it token for token, so per group the prompt is encoded once (its KV cache
+    stays in the autograd graph), and then the group's completions run *packed* into one row behind that cache: a
+    block-diagonal causal mask lets each completion see the prompt and its own earlier tokens only, and each restarts
+    its positions where the prompt ends. For a P-token prompt and C-token completions that is ``P + G*C`` instead of
+    ``G*(P + C)`` tokens forward and backward — about G times less work when P >> C, the long-context RL regime — and
+    the gradients equal the plain computation's.
+
+    Packing also drops padding: only real prompt tokens and real completion tokens run, and the cache is never copied
+    per row. The packed row starts with the prompt's last token, whose logit predicts the first completion token, and
+    leaves out each completion's last token, whose prediction nobody scores, so every packed position yields exactly
+    one scored logit; the prompt pass never back-propagates through ``lm_head``, and both passes share one embedding
+    lookup (the ``[vocab, hidden]`` gradient buffers these cost are as large as the prompt's attention work on a small
+    model).
+
+    Needs the KV cache (so not under HF gradient checkpointing, which drops it) and an attention implementation that
+    takes a 4D mask (``sdpa``, ``eager``); with any other the plain computation runs instead.
 
     Args:
         group_ids: ``[B]`` rows with equal ids must have identical prompt columns.
@@ -89,45 +99,84 @@ def grouped_completion_logprobs(
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 to score tokens; greedy rollouts score at 1.0.")
-    from transformers import DynamicCache
-
+    if model.config._attn_implementation not in _MASKABLE_ATTENTION:
+        return completion_logprobs(model, input_ids, attention_mask, completion_length, temperature, with_entropy)
     prompt_length = input_ids.shape[1] - completion_length
     groups, row_group = torch.unique(group_ids, return_inverse=True)  # [g], [B]
-    rows = torch.arange(len(group_ids), device=group_ids.device)
     first_row = torch.full((len(groups),), len(group_ids), device=group_ids.device).scatter_reduce(
-        0, row_group, rows, reduce="amin"
+        0, row_group, torch.arange(len(group_ids), device=group_ids.device), reduce="amin"
     )  # [g] one representative row per group
-    prompt_ids = input_ids[first_row, :prompt_length]  # [g, P]
-    if not torch.equal(prompt_ids[row_group], input_ids[:, :prompt_length]):
+    if not torch.equal(input_ids[first_row, :prompt_length][row_group], input_ids[:, :prompt_length]):
         raise ValueError("Rows with the same group id have different prompts; group_ids must identify the prompt.")
-    positions = position_ids_from_mask(attention_mask)  # [B, P + C]
+    logprobs = input_ids.new_zeros(input_ids.shape[0], completion_length, dtype=torch.float32)  # [B, C]
+    entropy = torch.zeros_like(logprobs) if with_entropy else None
+    for group, first in enumerate(first_row.tolist()):
+        rows = (row_group == group).nonzero().squeeze(1)  # [G]
+        prompt = input_ids[first, :prompt_length][attention_mask[first, :prompt_length].bool()]  # [L]
+        lengths = attention_mask[rows, prompt_length:].sum(-1)  # [G] real completion tokens, right-padded
+        if not lengths.any():
+            continue
+        scored = torch.arange(completion_length, device=input_ids.device) < lengths[:, None]  # [G, C]
+        completions = input_ids[rows, prompt_length:]  # [G, C]
+        values = _packed_group_logprobs(model, prompt, completions, lengths, scored, temperature, with_entropy)
+        logprobs[rows] = logprobs[rows].masked_scatter(scored, values[0])
+        if entropy is not None:
+            entropy[rows] = entropy[rows].masked_scatter(scored, values[1])
+    return logprobs, entropy
+
+
+def _packed_group_logprobs(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    completions: torch.Tensor,
+    lengths: torch.Tensor,
+    scored: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of one group's real completion tokens, in row-major order.  # [T], [T]
+
+    ``prompt`` ``[L]`` holds the real prompt tokens, ``completions`` ``[G, C]`` the right-padded completions with
+    ``lengths`` ``[G]`` real tokens each (``scored`` ``[G, C]`` marks them); ``T = lengths.sum()``.
+    """
+    from transformers import DynamicCache
+
+    shared = prompt.shape[0] - 1  # prompt tokens encoded once; the last one leads each completion
+    inputs = torch.cat([prompt[-1:].expand(len(completions), 1), completions[:, :-1]], dim=1)[scored]  # [T]
+    starts = lengths.cumsum(0) - lengths  # [G] where each completion starts in the packed row
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)  # [T]
+    offset = torch.arange(len(segment), device=segment.device) - starts[segment]  # [T] index within its completion
+    embeds = model.get_input_embeddings()(torch.cat([prompt[:-1], inputs]))[None]  # [1, L - 1 + T, H]
     cache = DynamicCache(config=model.config)
-    prompt_out = model(
-        input_ids=prompt_ids,
-        attention_mask=attention_mask[first_row, :prompt_length],
-        position_ids=positions[first_row, :prompt_length],
+    if shared > 0:
+        model(inputs_embeds=embeds[:, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    # [T, L - 1 + T]: every completion token sees the whole prompt and the earlier tokens of its own completion
+    visible = (segment[:, None] == segment[None, :]) & (offset[:, None] >= offset[None, :])
+    visible = torch.cat([visible.new_ones(len(segment), shared), visible], dim=1)
+    additive = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device)
+    additive.masked_fill_(~visible, torch.finfo(embeds.dtype).min)
+    output = model(
+        inputs_embeds=embeds[:, shared:],
+        attention_mask=additive[None, None],
+        position_ids=(shared + offset)[None],
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=1,
     )
-    cache.reorder_cache(row_group)  # [g, ...] -> [B, ...], differentiable
-    completion_out = model(
-        input_ids=input_ids[:, prompt_length:],
-        attention_mask=attention_mask,
-        position_ids=positions[:, prompt_length:],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=completion_length,
-    )
-    logits = torch.cat([prompt_out.logits[row_group], completion_out.logits[:, :-1]], dim=1)  # [B, C, V]
-    return _token_logprobs(logits, input_ids[:, prompt_length:], temperature, with_entropy)
+    logprobs, entropy = _token_logprobs(output.logits, completions[scored][None], temperature, with_entropy)
+    return logprobs[0], entropy[0] if entropy is not None else None
+
+
+_MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
 def _token_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``targets`` ``[B, C]`` under ``logits`` ``[B, C, V]`` / temperature, and the entropy."""
-    log_softmax = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, C, V]
+    logits = logits.float()
+    if temperature != 1.0:  # skips a [B, C, vocab] copy and its backward in the common case
+        logits = logits / temperature
+    log_softmax = torch.log_softmax(logits, dim=-1)  # [B, C, V]
     logprobs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, C]
     if not with_entropy:
         return logprobs, None

@@ -27,6 +27,9 @@ from longact_lightning.rl.losses import Aggregation, KLEstimator, LossConfig, Lo
 from longact_lightning.rollout.batch import RolloutBatch
 
 
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
 class RLPolicyModule(pl.LightningModule):
     """GRPO-family policy optimisation of a HF causal LM with manual optimisation.
 
@@ -160,12 +163,14 @@ class RLPolicyModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        # The fused kernel updates a tensor in one pass instead of about ten: 0.06 s instead of 0.6 s per step for
+        # SmolLM2's 135M fp32 parameters on 2 CPU cores, and no state-sized temporaries.
+        fused = all(p.device.type in _FUSED_ADAMW_DEVICES for p in params)
         return torch.optim.AdamW(
-            [p for p in self.policy.parameters() if p.requires_grad],
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
-            betas=tuple(self.hparams.betas),
-        )
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas),
+            fused=fused or None,
+        )  # fmt: skip
 
     @override
     def on_fit_start(self) -> None:

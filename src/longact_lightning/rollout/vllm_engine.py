@@ -48,8 +48,10 @@ class VLLMEngine:
             rest. Ignored on CPU.
         enable_sleep_mode: GPU only: offload the weights and free the KV cache after each ``generate`` (vLLM sleep
             level 1) so that the optimizer step has the memory, and wake them up before the next sync / generation.
-        cpu_kvcache_space_gib: CPU backend only: KV cache size in whole GiB, exported as ``VLLM_CPU_KVCACHE_SPACE`` unless
-            that variable is already set.
+        kv_cache_gib: KV cache size in GiB (vLLM's ``kv_cache_memory_bytes``); ``None`` lets vLLM size it (on GPUs
+            from ``gpu_memory_utilization``; on CPUs from ``VLLM_CPU_KVCACHE_SPACE``, else a share of RAM). The cache
+            is allocated up front and lives as long as the trainer, so a colocated run sizes it to the rollout batch:
+            ``prompts x (prompt + G x max_new_tokens)`` tokens fit when prefix caching shares each prompt.
         enforce_eager: skip graph capture / compilation (faster start, slower decoding).
         logprobs_mode: ``"processed"`` or ``"raw"``, see above.
         engine_kwargs: further ``vllm.LLM`` keyword arguments, passed through.
@@ -67,7 +69,7 @@ class VLLMEngine:
         seed: int = 0,
         gpu_memory_utilization: float = 0.3,
         enable_sleep_mode: bool = False,
-        cpu_kvcache_space_gib: int | None = None,
+        kv_cache_gib: float | None = None,
         enforce_eager: bool = True,
         logprobs_mode: LogprobsMode = "processed",
         engine_kwargs: dict[str, Any] | None = None,
@@ -81,8 +83,6 @@ class VLLMEngine:
                 f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r}: the colocated "
                 "engine must run in-process; unset the variable or set it to 0."
             )
-        if cpu_kvcache_space_gib is not None:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kvcache_space_gib)))
         # On CPU, vLLM drops the process's torch intra-op threads to 1 for serving unless OMP_NUM_THREADS is set; the
         # engine shares the process with the trainer, whose matmuls need every core.
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
@@ -95,7 +95,10 @@ class VLLMEngine:
                 "(or `pip install longact-lightning[gpu]` / `[cpu]`); or use the `hf` engine."
             ) from error
 
+        if kv_cache_gib is not None and not kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib={kv_cache_gib} must be > 0, or None to let vLLM size the KV cache.")
         sleep_kwargs = {"enable_sleep_mode": True} if enable_sleep_mode else {}
+        cache_kwargs = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None else {}
         self.llm = LLM(
             model=resolve_model(model),
             dtype=dtype,
@@ -105,6 +108,7 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             logprobs_mode=f"{logprobs_mode}_logprobs",
             **sleep_kwargs,
+            **cache_kwargs,
             **(engine_kwargs or {}),
         )
         self._sampling_params_cls = SamplingParams
