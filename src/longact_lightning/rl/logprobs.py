@@ -8,6 +8,9 @@ to the last ``k`` hidden states only; ``k = C + 1`` covers every position that p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -110,6 +113,43 @@ def grouped_completion_logprobs(
         raise ValueError("Rows with the same group id have different prompts; group_ids must identify the prompt.")
     logprobs = input_ids.new_zeros(input_ids.shape[0], completion_length, dtype=torch.float32)  # [B, C]
     entropy = torch.zeros_like(logprobs) if with_entropy else None
+    with _autocast_weights_once(input_ids.device.type):
+        _score_groups(model, input_ids, attention_mask, row_group, first_row, temperature, logprobs, entropy)
+    return logprobs, entropy
+
+
+@contextmanager
+def _autocast_weights_once(device_type: str) -> Iterator[None]:
+    """Under autocast, cast each weight to the low-precision dtype once for every forward pass inside.
+
+    Lightning's mixed precision runs autocast with ``cache_enabled=False`` (a cached cast would outlive the backward
+    that frees its graph), so each forward pass re-casts every weight and each backward casts every weight gradient
+    back: on a small model that copying costs as much as the attention. All passes of one call feed the same backward,
+    so they can share the casts; the cache is cleared on the way out, before any backward.
+    """
+    if not torch.is_autocast_enabled(device_type) or torch.is_autocast_cache_enabled():
+        yield
+        return
+    with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=True):
+        try:
+            yield
+        finally:
+            torch.clear_autocast_cache()
+
+
+def _score_groups(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    row_group: torch.Tensor,
+    first_row: torch.Tensor,
+    temperature: float,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor | None,
+) -> None:
+    """Fill ``logprobs`` / ``entropy`` ``[B, C]`` group by group with :func:`_packed_group_logprobs`."""
+    completion_length = logprobs.shape[1]
+    prompt_length = input_ids.shape[1] - completion_length
     for group, first in enumerate(first_row.tolist()):
         rows = (row_group == group).nonzero().squeeze(1)  # [G]
         prompt = input_ids[first, :prompt_length][attention_mask[first, :prompt_length].bool()]  # [L]
@@ -118,11 +158,10 @@ def grouped_completion_logprobs(
             continue
         scored = torch.arange(completion_length, device=input_ids.device) < lengths[:, None]  # [G, C]
         completions = input_ids[rows, prompt_length:]  # [G, C]
-        values = _packed_group_logprobs(model, prompt, completions, lengths, scored, temperature, with_entropy)
+        values = _packed_group_logprobs(model, prompt, completions, lengths, scored, temperature, entropy is not None)
         logprobs[rows] = logprobs[rows].masked_scatter(scored, values[0])
         if entropy is not None:
             entropy[rows] = entropy[rows].masked_scatter(scored, values[1])
-    return logprobs, entropy
 
 
 def _packed_group_logprobs(
