@@ -111,14 +111,16 @@ def main() -> None:
     ap.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true or bf16-mixed")
     ap.add_argument("--engine-dtype", default="float32")
     ap.add_argument("--no-longact", action="store_true")
+    ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward (4 = one group)")
     # 4 prompts x (~530 + 4 x 32) tokens with the prompts prefix-cached: ~0.1 GiB of fp32 KV cache.
     ap.add_argument("--kv-cache-gib", type=float, default=0.25)
     args = ap.parse_args()
 
     record = instrument()
     pl.seed_everything(0)
-    # One group per micro-batch: the shared prompt is still encoded once, and activations stay 4x smaller.
-    module = RLPolicyModule(model=EMBEDDED_MODEL, loss_type="dapo", lr=1e-6, micro_batch_size=4, max_grad_norm=1.0)
+    module = RLPolicyModule(
+        model=EMBEDDED_MODEL, loss_type="dapo", lr=1e-6, micro_batch_size=args.micro_batch_size, max_grad_norm=1.0
+    )
     data = RolloutDataModule(
         source=anchor_records(64),
         model=EMBEDDED_MODEL,

@@ -8,9 +8,6 @@ to the last ``k`` hidden states only; ``k = C + 1`` covers every position that p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -113,28 +110,8 @@ def grouped_completion_logprobs(
         raise ValueError("Rows with the same group id have different prompts; group_ids must identify the prompt.")
     logprobs = input_ids.new_zeros(input_ids.shape[0], completion_length, dtype=torch.float32)  # [B, C]
     entropy = torch.zeros_like(logprobs) if with_entropy else None
-    with _autocast_weights_once(input_ids.device.type):
-        _score_groups(model, input_ids, attention_mask, row_group, first_row, temperature, logprobs, entropy)
+    _score_groups(model, input_ids, attention_mask, row_group, first_row, temperature, logprobs, entropy)
     return logprobs, entropy
-
-
-@contextmanager
-def _autocast_weights_once(device_type: str) -> Iterator[None]:
-    """Under autocast, cast each weight to the low-precision dtype once for every forward pass inside.
-
-    Lightning's mixed precision runs autocast with ``cache_enabled=False`` (a cached cast would outlive the backward
-    that frees its graph), so each forward pass re-casts every weight and each backward casts every weight gradient
-    back: on a small model that copying costs as much as the attention. All passes of one call feed the same backward,
-    so they can share the casts; the cache is cleared on the way out, before any backward.
-    """
-    if not torch.is_autocast_enabled(device_type) or torch.is_autocast_cache_enabled():
-        yield
-        return
-    with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=True):
-        try:
-            yield
-        finally:
-            torch.clear_autocast_cache()
 
 
 def _score_groups(

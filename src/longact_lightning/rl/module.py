@@ -24,6 +24,7 @@ from longact_lightning.models import load_causal_lm, load_tokenizer
 from longact_lightning.rl.advantages import StdScaling, group_advantages
 from longact_lightning.rl.logprobs import completion_logprobs, grouped_completion_logprobs
 from longact_lightning.rl.losses import Aggregation, KLEstimator, LossConfig, LossType, policy_loss, step_denominator
+from longact_lightning.rl.precision import autocast_weights_once
 from longact_lightning.rollout.batch import RolloutBatch
 
 
@@ -208,28 +209,29 @@ class RLPolicyModule(pl.LightningModule):
         step_loss = 0.0
         for _ in range(hp.ppo_epochs):
             optimizer.zero_grad()
-            for k, chunk in enumerate(chunks):
-                micro = batch.select(chunk)
-                with self._no_sync_unless(k == len(chunks) - 1):
-                    logprobs, entropy = self._logprobs(self.policy, micro)  # [b, C], [b, C]
-                    loss, metrics = policy_loss(
-                        logprobs,
-                        old_logprobs[chunk] if old_logprobs is not None else logprobs.detach(),
-                        advantages[chunk],
-                        mask[chunk],
-                        self.loss_config,
-                        denominator,
-                        ref_logprobs=ref_logprobs[chunk] if ref_logprobs is not None else None,
-                        entropy=entropy,
-                        engine_logprobs=micro.engine_logprobs,
-                    )
-                    self.manual_backward(loss * scale)
-                micro_tokens = float(mask[chunk].sum())
-                metrics["entropy"] = (entropy.detach() * mask[chunk]).sum() / max(micro_tokens, 1.0)
-                for name, value in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
-                tokens_seen += micro_tokens
-                step_loss += float(loss.detach())
+            with autocast_weights_once(self.device.type):  # one weight cast per optimizer step
+                for k, chunk in enumerate(chunks):
+                    micro = batch.select(chunk)
+                    with self._no_sync_unless(k == len(chunks) - 1):
+                        logprobs, entropy = self._logprobs(self.policy, micro)  # [b, C], [b, C]
+                        loss, metrics = policy_loss(
+                            logprobs,
+                            old_logprobs[chunk] if old_logprobs is not None else logprobs.detach(),
+                            advantages[chunk],
+                            mask[chunk],
+                            self.loss_config,
+                            denominator,
+                            ref_logprobs=ref_logprobs[chunk] if ref_logprobs is not None else None,
+                            entropy=entropy,
+                            engine_logprobs=micro.engine_logprobs,
+                        )
+                        self.manual_backward(loss * scale)
+                    micro_tokens = float(mask[chunk].sum())
+                    metrics["entropy"] = (entropy.detach() * mask[chunk]).sum() / max(micro_tokens, 1.0)
+                    for name, value in metrics.items():
+                        sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
+                    tokens_seen += micro_tokens
+                    step_loss += float(loss.detach())
             optimizer.step()
             self._maybe_export_periodically()
 
