@@ -110,23 +110,6 @@ def grouped_completion_logprobs(
         raise ValueError("Rows with the same group id have different prompts; group_ids must identify the prompt.")
     logprobs = input_ids.new_zeros(input_ids.shape[0], completion_length, dtype=torch.float32)  # [B, C]
     entropy = torch.zeros_like(logprobs) if with_entropy else None
-    _score_groups(model, input_ids, attention_mask, row_group, first_row, temperature, logprobs, entropy)
-    return logprobs, entropy
-
-
-def _score_groups(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    row_group: torch.Tensor,
-    first_row: torch.Tensor,
-    temperature: float,
-    logprobs: torch.Tensor,
-    entropy: torch.Tensor | None,
-) -> None:
-    """Fill ``logprobs`` / ``entropy`` ``[B, C]`` group by group with :func:`_packed_group_logprobs`."""
-    completion_length = logprobs.shape[1]
-    prompt_length = input_ids.shape[1] - completion_length
     for group, first in enumerate(first_row.tolist()):
         rows = (row_group == group).nonzero().squeeze(1)  # [G]
         prompt = input_ids[first, :prompt_length][attention_mask[first, :prompt_length].bool()]  # [L]
@@ -135,10 +118,11 @@ def _score_groups(
             continue
         scored = torch.arange(completion_length, device=input_ids.device) < lengths[:, None]  # [G, C]
         completions = input_ids[rows, prompt_length:]  # [G, C]
-        values = _packed_group_logprobs(model, prompt, completions, lengths, scored, temperature, entropy is not None)
+        values = _packed_group_logprobs(model, prompt, completions, lengths, scored, temperature, with_entropy)
         logprobs[rows] = logprobs[rows].masked_scatter(scored, values[0])
         if entropy is not None:
             entropy[rows] = entropy[rows].masked_scatter(scored, values[1])
+    return logprobs, entropy
 
 
 def _packed_group_logprobs(
@@ -169,11 +153,12 @@ def _packed_group_logprobs(
     # [T, L - 1 + T]: every completion token sees the whole prompt and the earlier tokens of its own completion
     visible = (segment[:, None] == segment[None, :]) & (offset[:, None] >= offset[None, :])
     visible = torch.cat([visible.new_ones(len(segment), shared), visible], dim=1)
-    additive = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device)
-    additive.masked_fill_(~visible, torch.finfo(embeds.dtype).min)
+    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores; SDPA takes it as booleans,
+        mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device)  # 4x smaller at long context
+        visible = mask.masked_fill_(~visible, torch.finfo(embeds.dtype).min)
     output = model(
         inputs_embeds=embeds[:, shared:],
-        attention_mask=additive[None, None],
+        attention_mask=visible[None, None],
         position_ids=(shared + offset)[None],
         past_key_values=cache,
         use_cache=True,

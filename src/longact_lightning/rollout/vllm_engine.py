@@ -76,6 +76,8 @@ class VLLMEngine:
     ) -> None:
         if logprobs_mode not in ("processed", "raw"):
             raise ValueError(f"logprobs_mode={logprobs_mode!r} is not supported; use 'processed' or 'raw'.")
+        if kv_cache_gib is not None and not kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib={kv_cache_gib} must be > 0, or None to let vLLM size the KV cache.")
         # Weights are handed to the worker by reference; a separate engine process would need them pickled.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
@@ -95,8 +97,6 @@ class VLLMEngine:
                 "(or `pip install longact-lightning[gpu]` / `[cpu]`); or use the `hf` engine."
             ) from error
 
-        if kv_cache_gib is not None and not kv_cache_gib > 0:
-            raise ValueError(f"kv_cache_gib={kv_cache_gib} must be > 0, or None to let vLLM size the KV cache.")
         sleep_kwargs = {"enable_sleep_mode": True} if enable_sleep_mode else {}
         cache_kwargs = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None else {}
         self.llm = LLM(
