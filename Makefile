@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit bench
+.PHONY: install install-bench demo test test-unit
 
 install: $(VENV)/.installed
 
@@ -29,3 +29,8 @@ test: install
 
 test-unit: install
 	$(VENV)/bin/pytest tests -m "not integration" $(PYTEST_ARGS)
+
+# The benchmarks' extra dependency (TRL, the other side of the comparison). Only `.[bench]` here: re-resolving
+# `.[cpu]` would bring back the CUDA torchvision that the install step removes.
+install-bench: install
+	$(PIP) install -e ".[bench]"

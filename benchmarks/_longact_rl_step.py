@@ -1,8 +1,8 @@
 """This project's side of the TRL comparison: one process, the reference workload, per-step wall clock + peak RSS.
 
-Run by ``benchmarks/rl_step_vs_trl.py`` and ``benchmarks/step_breakdown.py``; prints one JSON line with per-step
-wall clock, the time spent generating and syncing weights, the tokens and model FLOPs the trainer processed, and
-peak RSS.
+Run by ``benchmarks/rl_step_vs_trl.py`` and ``benchmarks/step_breakdown.py`` (through :func:`command`); prints one
+JSON line with per-step wall clock, the time spent producing the rollout batch (of it: generating and syncing weights),
+the tokens and model FLOPs the trainer processed, and peak RSS.
 The engine and log-prob functions are wrapped with timers/counters here (benchmark instrumentation only).
 The workload is the one of ``shared/tools/trl_anchor.py`` (its own prompt generator is imported, so both sides see
 identical prompts): SmolLM2-135M-Instruct, DAPO (eps 0.2 / 0.28, no KL), 4 prompts x 4 generations per step,
@@ -16,13 +16,14 @@ import importlib.util
 import json
 import random
 import resource
+import sys
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from longact_lightning.callbacks import LongAct
+from longact_lightning.callbacks import HostMemoryReuse, LongAct
 from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.models import EMBEDDED_MODEL
@@ -31,6 +32,19 @@ from longact_lightning.rl.module import RLPolicyModule
 from longact_lightning.rollout.vllm_engine import VLLMEngine
 
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "trl_anchor.py"
+
+# Sequences per forward/backward pass. fp32 runs one group at a time (peak memory); bf16 activations are half the size,
+# so all four groups run in one pass, which forms every weight gradient, the lm_head product and the tied embedding's
+# [vocab, hidden] gradient once per step instead of once per group.
+MICRO_BATCH_SIZE = {"fp32": 4, "bf16": 16}
+
+
+def command(steps: int, bf16: bool) -> list[str]:
+    """How the comparison scripts run this side: a fresh process (its peak RSS is its own), in fp32 or bf16-mixed."""
+    precision = ["--precision", "bf16-mixed", "--engine-dtype", "bfloat16"] if bf16 else []
+    batch = MICRO_BATCH_SIZE["bf16" if bf16 else "fp32"]
+    return [sys.executable, "-m", "benchmarks._longact_rl_step", "--steps", str(steps), *precision,
+            "--micro-batch-size", str(batch)]  # fmt: skip
 
 
 def anchor_records(count: int) -> list[PromptRecord]:
@@ -72,8 +86,11 @@ def model_flops(config, prompt_length: int, completion_lengths: list[int]) -> fl
 
 
 def instrument() -> dict[str, list[float]]:
-    """Time engine generation and weight sync; count the tokens and model FLOPs of each trainer forward."""
-    record: dict[str, list[float]] = {"generate_s": [], "sync_s": [], "train_tokens": [], "train_flops": []}
+    """Time the rollout batch (waiting for it, and in it engine generation and weight sync); count the tokens and
+    model FLOPs of each trainer forward."""
+    record: dict[str, list[float]] = {
+        "rollout_s": [], "generate_s": [], "sync_s": [], "train_tokens": [], "train_flops": []
+    }  # fmt: skip
 
     def timed(method, key):
         def wrapper(*args, **kwargs):
@@ -84,6 +101,19 @@ def instrument() -> dict[str, list[float]]:
 
         return wrapper
 
+    class TimedBatches:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __next__(self):
+            return timed(next, "rollout_s")(self.batches)
+
+    training_step = RLPolicyModule.training_step
+
+    def timed_training_step(self, dataloader_iter):  # Lightning passes the iterator by this parameter name
+        return training_step(self, TimedBatches(dataloader_iter))
+
+    RLPolicyModule.training_step = timed_training_step
     VLLMEngine.generate = timed(VLLMEngine.generate, "generate_s")
     VLLMEngine.load_weights = timed(VLLMEngine.load_weights, "sync_s")
     grouped = rl_module.grouped_completion_logprobs
@@ -111,6 +141,7 @@ def main() -> None:
     ap.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true or bf16-mixed")
     ap.add_argument("--engine-dtype", default="float32")
     ap.add_argument("--no-longact", action="store_true")
+    ap.add_argument("--no-host-memory-reuse", action="store_true", help="leave glibc malloc's defaults (see HostMemoryReuse)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward (4 = one group)")
     # 4 prompts x (~530 + 4 x 32) tokens with the prompts prefix-cached: ~0.1 GiB of fp32 KV cache.
     ap.add_argument("--kv-cache-gib", type=float, default=0.25)
@@ -136,7 +167,9 @@ def main() -> None:
         reward="contains_match",
     )
     clock = StepClock()
-    callbacks = [clock] + ([] if args.no_longact else [LongAct(top_ratio=0.3)])
+    # as the CLI runs it: HostMemoryReuse is one of its default callbacks
+    callbacks = [clock, HostMemoryReuse(enabled=not args.no_host_memory_reuse)]
+    callbacks += [] if args.no_longact else [LongAct(top_ratio=0.3)]
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="cpu", devices=1, precision=args.precision, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,

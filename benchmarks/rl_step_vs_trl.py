@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks._longact_rl_step import ANCHOR
+from benchmarks._longact_rl_step import ANCHOR, command
 from benchmarks._machine import record
 from longact_lightning.models import EMBEDDED_MODEL, resolve_model
 
@@ -36,8 +36,7 @@ def run_trl(steps: int, bf16: bool) -> dict:
 
 
 def run_ours(steps: int, bf16: bool) -> dict:
-    precision = ["--precision", "bf16-mixed", "--engine-dtype", "bfloat16"] if bf16 else []
-    cmd = [sys.executable, "-m", "benchmarks._longact_rl_step", "--steps", str(steps + 1), *precision]
+    cmd = command(steps + 1, bf16)
     result = _last_json(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout)
     return {"step_s": result["step_s"][1:], "peak_rss_mb": result["peak_rss_mb"]}
 

@@ -1,11 +1,12 @@
 """Where an RL step's time goes, and train-phase MFU against the bf16 matmul peak measured in the same run.
 
 Runs this project's reference-workload step (``benchmarks/_longact_rl_step.py``: SmolLM2-135M, DAPO, 4x4 rollouts,
-~500-token prompts, <= 32 new tokens, LongAct on) in fp32 and in bf16-mixed, each in its own process, and reports:
-generation and weight-sync shares of the step, and train-phase MFU = model FLOPs of the tokens the trainer processed
-(``_longact_rl_step.model_flops``: linear layers, ``lm_head`` on completion tokens, causal attention) / train-phase
-time (step - generation - weight sync: forward, backward, optimizer, LongAct, logging) / the bf16 matmul peak of this
-machine measured here (a 2048^3 bf16 matmul).
+~500-token prompts, <= 32 new tokens, LongAct on) in fp32 and in bf16-mixed, each in its own process and each with
+the comparison's micro-batch size (``_longact_rl_step.MICRO_BATCH_SIZE``), and reports: the rollout's share of the
+step (weight sync, generation, and the rest: rewards, collation), and train-phase MFU = model FLOPs of the tokens the
+trainer processed (``_longact_rl_step.model_flops``: linear layers, ``lm_head`` on completion tokens, causal
+attention) / train-phase time (step - rollout: forward, backward, optimizer, LongAct, logging) / the bf16 matmul peak
+of this machine measured here (a 2048^3 bf16 matmul).
 
 Usage: python -m benchmarks.step_breakdown [--steps 3]
 """
@@ -16,12 +17,12 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks._longact_rl_step import MICRO_BATCH_SIZE, command
 from benchmarks._machine import record
 
 
@@ -37,9 +38,8 @@ def bf16_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def run(precision: list[str], steps: int) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks._longact_rl_step", "--steps", str(steps + 1), *precision]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
+def run(steps: int, bf16: bool) -> dict:
+    out = subprocess.run(command(steps + 1, bf16), capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
@@ -50,16 +50,18 @@ def summarize(name: str, result: dict, peak: float) -> str:
     rows = []
     for i in range(1, steps):
         micro = slice(i * per_step, (i + 1) * per_step)
-        train = result["step_s"][i] - result["generate_s"][i] - result["sync_s"][i]
-        rows.append((result["step_s"][i], result["generate_s"][i], result["sync_s"][i], train,
-                     sum(result["train_tokens"][micro]), sum(result["train_flops"][micro])))  # fmt: skip
-    step, generate, sync, train, tokens, flops = (statistics.median(column) for column in zip(*rows))
-    mfu = statistics.median(f / t / peak for *_, t, _, f in rows)
+        rollout = result["rollout_s"][i]
+        rows.append((result["step_s"][i], rollout, result["generate_s"][i], result["sync_s"][i],
+                     result["step_s"][i] - rollout, sum(result["train_tokens"][micro]),
+                     sum(result["train_flops"][micro])))  # fmt: skip
+    step, rollout, generate, sync, train, tokens, flops = (statistics.median(column) for column in zip(*rows))
+    mfus = [f / t / peak for *_, t, _, f in rows]
     return (
-        f"{name}: step {step:.1f} s = generate {generate:.1f} s ({100 * generate / step:.0f} %) + weight sync "
-        f"{sync:.2f} s (**{100 * sync / step:.1f} %**, target <= 5 %) + train {train:.1f} s; train phase "
-        f"{tokens / train:.0f} tok/s, {flops / 1e12:.2f} TFLOP per step, **MFU {100 * mfu:.0f} % of the bf16 peak** "
-        "(target >= 35 %)"
+        f"{name}: step {step:.1f} s = rollout {rollout:.1f} s (weight sync {sync:.2f} s = **{100 * sync / step:.1f} "
+        f"%** of the step, target <= 5 %; generate {generate:.1f} s; rewards and collation {rollout - generate - sync:.2f}"
+        f" s) + train {train:.1f} s; train phase {tokens / train:.0f} tok/s, {flops / 1e12:.2f} TFLOP per step, "
+        f"**MFU {100 * statistics.median(mfus):.0f} % of the bf16 peak** (target >= 35 %; per step "
+        + ", ".join(f"{100 * m:.0f}" for m in mfus) + ")"
     )
 
 
@@ -68,14 +70,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
     peak = bf16_matmul_peak()
-    fp32 = run([], args.steps)
-    bf16 = run(["--precision", "bf16-mixed", "--engine-dtype", "bfloat16"], args.steps)
+    fp32 = run(args.steps, bf16=False)
+    bf16 = run(args.steps, bf16=True)
     record(
         "RL step breakdown and train-phase MFU (SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, LongAct on)",
         [
             f"bf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s (2048^3, best of 10)",
-            summarize("fp32", fp32, peak),
-            summarize("bf16-mixed (engine bf16)", bf16, peak),
+            summarize(f"fp32, micro-batch {MICRO_BATCH_SIZE['fp32']}", fp32, peak),
+            summarize(f"bf16-mixed (engine bf16), micro-batch {MICRO_BATCH_SIZE['bf16']}", bf16, peak),
         ],
     )
 

@@ -46,6 +46,44 @@ def test_grouped_equals_plain_values_and_gradients(arch, attention):
             torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
 
 
+def _scrambled_groups():
+    """Three groups whose rows interleave; one group's completions are all empty and one prompt is a single token."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 90, (7, P + C), generator=g)
+    mask = torch.ones_like(ids)
+    groups = torch.tensor([2, 0, 1, 0, 2, 1, 0])
+    for group in range(3):
+        rows = (groups == group).nonzero().squeeze(1)
+        ids[rows, :P] = ids[rows[0], :P]
+    mask[groups == 1, : P - 1] = 0  # group 1: a one-token prompt, nothing shared
+    mask[groups == 2, P:] = 0  # group 2: no completion token at all
+    mask[3, P + 2 :] = 0
+    return ids, mask, groups
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_grouped_handles_interleaved_rows_empty_groups_and_one_token_prompts(attention):
+    model = tiny_model("llama_gqa").train()
+    model.config._attn_implementation = attention
+    ids, mask, groups = _scrambled_groups()
+    real = mask[:, P:].bool()
+    grouped, grouped_entropy = grouped_completion_logprobs(model, ids, mask, C, groups)
+    plain, plain_entropy = completion_logprobs(model, ids, mask, C)
+    torch.testing.assert_close(grouped[real], plain[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped_entropy[real], plain_entropy[real], rtol=1e-5, atol=1e-5)
+    assert not grouped[~real].any()  # padding columns are left at 0
+
+
+def test_grouped_runs_all_groups_in_one_prompt_pass_and_one_completion_pass():
+    model = tiny_model("llama_gqa").train()
+    ids, mask, groups = _two_groups_of_three()
+    batch_sizes = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda _, args: batch_sizes.append(args[0].shape[0]))
+    grouped_completion_logprobs(model, ids, mask, C, groups)
+    handle.remove()
+    assert batch_sizes == [2, 2]  # [groups, shared prompt] then [groups, packed completions]
+
+
 def test_grouped_rejects_rows_of_one_group_with_different_prompts():
     ids, mask, groups = _two_groups_of_three()
     ids[1, P - 1] += 1

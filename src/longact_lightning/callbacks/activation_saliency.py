@@ -32,6 +32,7 @@ from longact_lightning.saliency.masks import (
     validate_selection,
 )
 from longact_lightning.saliency.projections import QKProjection, clean_name, find_qk_projections
+from longact_lightning.saliency.real_tokens import declared_real_tokens
 from longact_lightning.saliency.stats import STATISTICS, ChannelStats, Statistic
 
 
@@ -206,8 +207,11 @@ class ActivationSaliency(Callback):
             self._handles.append(modules[module_name].register_forward_hook(self._make_hook(module_name, projs)))
 
     def _capture_token_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Remember which tokens are real for this forward; the projection hooks read it."""
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        """Remember which tokens are real for this forward (declared, else the 2D attention mask); the projection
+        hooks read it."""
+        mask = declared_real_tokens()
+        if mask is None:
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self._token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self._forward_id += 1
 

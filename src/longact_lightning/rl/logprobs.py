@@ -8,8 +8,12 @@ to the last ``k`` hidden states only; ``k = C + 1`` covers every position that p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from longact_lightning.saliency.real_tokens import declare_real_tokens
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -76,19 +80,19 @@ def grouped_completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`completion_logprobs`, running each group's shared prompt through the model once instead of G times.
 
-    The G completions of a prompt share it token for token, so per group the prompt is encoded once (its KV cache
+    The G completions of a prompt share it token for token, so each group's prompt is encoded once (its KV cache
     stays in the autograd graph), and then the group's completions run *packed* into one row behind that cache: a
     block-diagonal causal mask lets each completion see the prompt and its own earlier tokens only, and each restarts
     its positions where the prompt ends. For a P-token prompt and C-token completions that is ``P + G*C`` instead of
     ``G*(P + C)`` tokens forward and backward — about G times less work when P >> C, the long-context RL regime — and
     the gradients equal the plain computation's.
 
-    Packing also drops padding: only real prompt tokens and real completion tokens run, and the cache is never copied
-    per row. The packed row starts with the prompt's last token, whose logit predicts the first completion token, and
-    leaves out each completion's last token, whose prediction nobody scores, so every packed position yields exactly
-    one scored logit; the prompt pass never back-propagates through ``lm_head``, and both passes share one embedding
-    lookup (the ``[vocab, hidden]`` gradient buffers these cost are as large as the prompt's attention work on a small
-    model).
+    All groups of the batch go through the model together: one prompt pass over the ``[groups, prompt]`` batch and one
+    completion pass over the ``[groups, packed]`` batch, so the weights' gradients, the ``lm_head`` product and the
+    ``[vocab, hidden]`` embedding gradient are formed once per call rather than once per group. Packing also drops
+    padding within a group: only real tokens are packed, the cache is never copied per row, the packed row starts with
+    the prompt's last token (whose logit predicts the first completion token) and leaves out each completion's last
+    token (whose prediction nobody scores). What padding remains is between groups (rows are as long as the longest).
 
     Needs the KV cache (so not under HF gradient checkpointing, which drops it) and an attention implementation that
     takes a 4D mask (``sdpa``, ``eager``); with any other the plain computation runs instead.
@@ -101,70 +105,117 @@ def grouped_completion_logprobs(
         raise ValueError(f"temperature={temperature} must be > 0 to score tokens; greedy rollouts score at 1.0.")
     if model.config._attn_implementation not in _MASKABLE_ATTENTION:
         return completion_logprobs(model, input_ids, attention_mask, completion_length, temperature, with_entropy)
-    prompt_length = input_ids.shape[1] - completion_length
-    groups, row_group = torch.unique(group_ids, return_inverse=True)  # [g], [B]
-    first_row = torch.full((len(groups),), len(group_ids), device=group_ids.device).scatter_reduce(
-        0, row_group, torch.arange(len(group_ids), device=group_ids.device), reduce="amin"
-    )  # [g] one representative row per group
-    if not torch.equal(input_ids[first_row, :prompt_length][row_group], input_ids[:, :prompt_length]):
-        raise ValueError("Rows with the same group id have different prompts; group_ids must identify the prompt.")
+    packed = _PackedGroups.build(input_ids, attention_mask, completion_length, group_ids)
     logprobs = input_ids.new_zeros(input_ids.shape[0], completion_length, dtype=torch.float32)  # [B, C]
     entropy = torch.zeros_like(logprobs) if with_entropy else None
-    for group, first in enumerate(first_row.tolist()):
-        rows = (row_group == group).nonzero().squeeze(1)  # [G]
-        prompt = input_ids[first, :prompt_length][attention_mask[first, :prompt_length].bool()]  # [L]
-        lengths = attention_mask[rows, prompt_length:].sum(-1)  # [G] real completion tokens, right-padded
-        if not lengths.any():
-            continue
-        scored = torch.arange(completion_length, device=input_ids.device) < lengths[:, None]  # [G, C]
-        completions = input_ids[rows, prompt_length:]  # [G, C]
-        values = _packed_group_logprobs(model, prompt, completions, lengths, scored, temperature, with_entropy)
-        logprobs[rows] = logprobs[rows].masked_scatter(scored, values[0])
-        if entropy is not None:
-            entropy[rows] = entropy[rows].masked_scatter(scored, values[1])
-    return logprobs, entropy
-
-
-def _packed_group_logprobs(
-    model: nn.Module,
-    prompt: torch.Tensor,
-    completions: torch.Tensor,
-    lengths: torch.Tensor,
-    scored: torch.Tensor,
-    temperature: float,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and entropies) of one group's real completion tokens, in row-major order.  # [T], [T]
-
-    ``prompt`` ``[L]`` holds the real prompt tokens, ``completions`` ``[G, C]`` the right-padded completions with
-    ``lengths`` ``[G]`` real tokens each (``scored`` ``[G, C]`` marks them); ``T = lengths.sum()``.
-    """
+    if not packed.real.any():
+        return logprobs, entropy
     from transformers import DynamicCache
 
-    shared = prompt.shape[0] - 1  # prompt tokens encoded once; the last one leads each completion
-    inputs = torch.cat([prompt[-1:].expand(len(completions), 1), completions[:, :-1]], dim=1)[scored]  # [T]
-    starts = lengths.cumsum(0) - lengths  # [G] where each completion starts in the packed row
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)  # [T]
-    offset = torch.arange(len(segment), device=segment.device) - starts[segment]  # [T] index within its completion
-    embeds = model.get_input_embeddings()(torch.cat([prompt[:-1], inputs]))[None]  # [1, L - 1 + T, H]
     cache = DynamicCache(config=model.config)
-    if shared > 0:
-        model(inputs_embeds=embeds[:, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    # [T, L - 1 + T]: every completion token sees the whole prompt and the earlier tokens of its own completion
-    visible = (segment[:, None] == segment[None, :]) & (offset[:, None] >= offset[None, :])
-    visible = torch.cat([visible.new_ones(len(segment), shared), visible], dim=1)
+    shared = packed.prompts.shape[1]
+    embeds = model.get_input_embeddings()(torch.cat([packed.prompts, packed.inputs], dim=1))  # [g, S + T, H]
+    # Neither pass has a 2D attention mask, so both declare their real tokens (saliency statistics count only those).
+    if shared > 0:  # right padding needs no mask here: causal attention never lets a real token see a later one
+        with declare_real_tokens(packed.real_prompt):
+            model(inputs_embeds=embeds[:, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    visible = packed.visible()  # [g, T, S + T]
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores; SDPA takes it as booleans,
         mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device)  # 4x smaller at long context
         visible = mask.masked_fill_(~visible, torch.finfo(embeds.dtype).min)
-    output = model(
-        inputs_embeds=embeds[:, shared:],
-        attention_mask=visible[None, None],
-        position_ids=(shared + offset)[None],
-        past_key_values=cache,
-        use_cache=True,
-    )
-    logprobs, entropy = _token_logprobs(output.logits, completions[scored][None], temperature, with_entropy)
-    return logprobs[0], entropy[0] if entropy is not None else None
+    real = packed.real  # [g, T]
+    with declare_real_tokens(real):
+        output = model(
+            inputs_embeds=embeds[:, shared:],
+            attention_mask=visible[:, None],
+            position_ids=packed.shared[:, None] + packed.offset,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    values, entropies = _token_logprobs(output.logits[real][None], packed.targets[real][None], temperature, with_entropy)
+    rows, columns = packed.row[real], packed.offset[real]  # [N], [N] where each packed token came from
+    logprobs = logprobs.index_put((rows, columns), values[0])
+    if entropy is not None:
+        entropy = entropy.index_put((rows, columns), entropies[0])
+    return logprobs, entropy
+
+
+@dataclass(frozen=True)
+class _PackedGroups:
+    """A batch of groups laid out for :func:`grouped_completion_logprobs`: one row per group, ``g`` rows.
+
+    ``prompts`` ``[g, S]`` holds each group's shared prompt tokens (all real prompt tokens but the last) left-aligned,
+    ``shared`` ``[g]`` how many of them are real (``S = shared.max()``). ``inputs`` / ``targets`` ``[g, T]`` hold the
+    group's packed completion tokens and the tokens they predict; ``row`` ``[g, T]`` names the batch row each packed
+    token came from (``-1`` on padding) and ``offset`` ``[g, T]`` its completion column, which is also its position
+    after the prompt.
+    """
+
+    prompts: torch.Tensor
+    shared: torch.Tensor
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    row: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def real(self) -> torch.Tensor:
+        return self.row >= 0  # [g, T]
+
+    @property
+    def real_prompt(self) -> torch.Tensor:
+        return torch.arange(self.prompts.shape[1], device=self.shared.device) < self.shared[:, None]  # [g, S]
+
+    @classmethod
+    def build(
+        cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int, group_ids: torch.Tensor
+    ) -> _PackedGroups:
+        prompt_length = input_ids.shape[1] - completion_length
+        batch = torch.arange(len(group_ids), device=group_ids.device)  # [B]
+        groups, row_group = torch.unique(group_ids, return_inverse=True)  # [g], [B]
+        first_row = torch.full((len(groups),), len(group_ids), device=group_ids.device).scatter_reduce(
+            0, row_group, batch, reduce="amin"
+        )  # [g] one representative row per group
+        if not torch.equal(input_ids[first_row, :prompt_length][row_group], input_ids[:, :prompt_length]):
+            raise ValueError("Rows with the same group id have different prompts; group_ids must identify the prompt.")
+        prompt_real = attention_mask[first_row, :prompt_length].bool()  # [g, P]
+        prompt_lengths = prompt_real.sum(-1)  # [g]
+        if not prompt_lengths.all():
+            raise ValueError("A prompt has no real token (its attention_mask is all 0); every prompt needs one.")
+        real_first = torch.argsort((~prompt_real).long(), dim=1, stable=True)  # [g, P] real tokens first, in order
+        prompts = input_ids[first_row, :prompt_length].gather(1, real_first)  # [g, P]
+        shared = prompt_lengths - 1  # [g] the last real prompt token leads the completions instead
+        lead = prompts.gather(1, shared[:, None])  # [g, 1]
+
+        completions = input_ids[:, prompt_length:]  # [B, C] right-padded
+        lengths = attention_mask[:, prompt_length:].sum(-1)  # [B]
+        same_group_before = (row_group[:, None] == row_group[None, :]) & (batch[None, :] < batch[:, None])  # [B, B]
+        starts = (same_group_before.long() * lengths[None, :]).sum(-1)  # [B] where each row starts in its group's row
+        totals = torch.zeros_like(shared).scatter_add(0, row_group, lengths)  # [g]
+        rows, columns = (torch.arange(completion_length, device=lengths.device) < lengths[:, None]).nonzero(
+            as_tuple=True
+        )  # [N], [N] every real completion token
+        where = (row_group[rows], starts[rows] + columns)
+        width = int(totals.max())
+
+        def packed(values: torch.Tensor, fill: int) -> torch.Tensor:  # [N] -> [g, T]
+            return values.new_full((len(groups), width), fill).index_put(where, values)
+
+        inputs = torch.cat([lead[row_group], completions[:, :-1]], dim=1)  # [B, C] token whose logit scores column j
+        return cls(
+            prompts=prompts[:, : int(shared.max())],
+            shared=shared,
+            inputs=packed(inputs[rows, columns], 0),
+            targets=packed(completions[rows, columns], 0),
+            row=packed(rows, -1),
+            offset=packed(columns, 0),
+        )
+
+    def visible(self) -> torch.Tensor:
+        """``[g, T, S + T]`` True where a packed token may attend: its group's real prompt tokens, and the earlier
+        tokens of its own completion. Padding sees padding (a row that sees nothing would give NaN in SDPA)."""
+        own = (self.row[:, :, None] == self.row[:, None, :]) & (self.offset[:, :, None] >= self.offset[:, None, :])
+        return torch.cat([self.real_prompt[:, None, :].expand(-1, self.row.shape[1], -1), own], dim=2)
 
 
 _MASKABLE_ATTENTION = ("sdpa", "eager")
