@@ -1,6 +1,6 @@
 """This project's side of the TRL comparison: one process, the reference workload, per-step wall clock + peak RSS.
 
-Run by ``benchmarks/rl_step_vs_trl.py`` and ``benchmarks/step_breakdown.py`` (through :func:`command`); prints one
+Run by ``benchmarks/rl_step_vs_trl.py`` and ``benchmarks/step_breakdown.py`` (through :func:`run`); prints one
 JSON line with per-step wall clock, the time spent producing the rollout batch (of it: generating and syncing weights),
 the tokens and model FLOPs the trainer processed, and peak RSS.
 The engine and log-prob functions are wrapped with timers/counters here (benchmark instrumentation only).
@@ -16,6 +16,7 @@ import importlib.util
 import json
 import random
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,12 +40,15 @@ ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "trl_anchor.
 MICRO_BATCH_SIZE = {"fp32": 4, "bf16": 16}
 
 
-def command(steps: int, bf16: bool) -> list[str]:
-    """How the comparison scripts run this side: a fresh process (its peak RSS is its own), in fp32 or bf16-mixed."""
+def run(steps: int, bf16: bool, extra: list[str] | None = None) -> dict:
+    """How the comparison scripts run this side: a fresh process (its peak RSS is its own), in fp32 or bf16-mixed,
+    with ``steps`` steps in all; returns its JSON line."""
     precision = ["--precision", "bf16-mixed", "--engine-dtype", "bfloat16"] if bf16 else []
     batch = MICRO_BATCH_SIZE["bf16" if bf16 else "fp32"]
-    return [sys.executable, "-m", "benchmarks._longact_rl_step", "--steps", str(steps), *precision,
-            "--micro-batch-size", str(batch)]  # fmt: skip
+    cmd = [sys.executable, "-m", "benchmarks._longact_rl_step", "--steps", str(steps), *precision,
+           "--micro-batch-size", str(batch), *(extra or [])]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 def anchor_records(count: int) -> list[PromptRecord]:

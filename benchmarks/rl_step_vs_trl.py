@@ -16,9 +16,8 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
-from benchmarks._longact_rl_step import ANCHOR, command
+from benchmarks._longact_rl_step import ANCHOR, run
 from benchmarks._machine import record
 from longact_lightning.models import EMBEDDED_MODEL, resolve_model
 
@@ -36,8 +35,7 @@ def run_trl(steps: int, bf16: bool) -> dict:
 
 
 def run_ours(steps: int, bf16: bool) -> dict:
-    cmd = command(steps + 1, bf16)
-    result = _last_json(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout)
+    result = run(steps + 1, bf16)
     return {"step_s": result["step_s"][1:], "peak_rss_mb": result["peak_rss_mb"]}
 
 

@@ -14,15 +14,12 @@ Usage: python -m benchmarks.step_breakdown [--steps 3]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks._longact_rl_step import MICRO_BATCH_SIZE, command
+from benchmarks._longact_rl_step import MICRO_BATCH_SIZE, run
 from benchmarks._machine import record
 
 
@@ -36,11 +33,6 @@ def bf16_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
-
-
-def run(steps: int, bf16: bool) -> dict:
-    out = subprocess.run(command(steps + 1, bf16), capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
-    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 def summarize(name: str, result: dict, peak: float) -> str:
@@ -70,8 +62,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
     peak = bf16_matmul_peak()
-    fp32 = run(args.steps, bf16=False)
-    bf16 = run(args.steps, bf16=True)
+    fp32 = run(args.steps + 1, bf16=False)
+    bf16 = run(args.steps + 1, bf16=True)
     record(
         "RL step breakdown and train-phase MFU (SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, LongAct on)",
         [

@@ -16,7 +16,6 @@ so the test can also compare the masks across ranks.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys

@@ -12,7 +12,7 @@ import torch
 from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.models import load_tokenizer
-from longact_lightning.rollout import Rollout, RolloutBatch, RolloutEngine, SamplingConfig
+from longact_lightning.rollout import Rollout, RolloutBatch, SamplingConfig
 
 VARIED = (1.0, 0.0)  # per-sample rewards of a group with signal
 FLAT = (1.0, 1.0)  # a zero-variance group

@@ -75,7 +75,9 @@ class RLPolicyModule(pl.LightningModule):
         ppo_epochs: optimizer steps per rollout batch (mu >= 1); with 1 the old log-probs equal the current ones and
             their extra forward pass is skipped. ``Trainer(max_steps=...)`` counts optimizer steps, so a rollout batch
             advances ``global_step`` by ``ppo_epochs``; use a multiple of it.
-        micro_batch_size: sequences per forward/backward pass.
+        micro_batch_size: sequences per forward/backward pass. With ``share_prompt`` the groups of a micro-batch run
+            together (one prompt pass, one packed completion pass), so whole groups per micro-batch are fastest;
+            more groups per micro-batch trade activation memory for fewer, larger passes.
         max_grad_norm: clip the global gradient norm to this in ``on_before_optimizer_step``; ``None`` = no clipping.
         gradient_checkpointing: recompute activations in the backward pass (HF gradient checkpointing). It drops the
             KV cache, so it turns ``share_prompt`` off.
