@@ -91,6 +91,13 @@ def test_grouped_rejects_rows_of_one_group_with_different_prompts():
         grouped_completion_logprobs(tiny_model("llama_gqa"), ids, mask, C, groups)
 
 
+def test_grouped_rejects_a_prompt_without_real_tokens():
+    ids, mask, groups = _two_groups_of_three()
+    mask[3:, :P] = 0
+    with pytest.raises(ValueError, match="no real token"):
+        grouped_completion_logprobs(tiny_model("llama_gqa"), ids, mask, C, groups)
+
+
 def test_grouped_with_a_one_token_prompt_is_the_plain_computation():
     model = tiny_model("llama_gqa").train()
     ids = torch.randint(3, 90, (2, 1 + C), generator=torch.Generator().manual_seed(2))
