@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from longact_lightning.callbacks import HostMemoryReuse, LongAct
@@ -34,11 +35,10 @@ from longact_lightning.rollout.vllm_engine import VLLMEngine
 
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "trl_anchor.py"
 
-# Sequences per forward/backward pass. fp32 runs one group at a time (peak memory); bf16 activations are half the size,
-# so two groups run per pass, which halves how often every weight gradient, the lm_head product and the tied
-# embedding's [vocab, hidden] gradient are formed. (All four groups in one pass is faster still, but its peak RSS is
-# above 0.7x TRL's.)
-MICRO_BATCH_SIZE = {"fp32": 4, "bf16": 8}
+# Sequences per forward/backward pass: one group at a time, for peak memory. More groups per pass form every weight
+# gradient, the lm_head product and the tied embedding's [vocab, hidden] gradient less often: in bf16 two groups per
+# pass make the train phase ~7 % faster, but put peak RSS at ~0.72x of TRL's lower bf16 readings (8.9-10.4 GB).
+MICRO_BATCH_SIZE = {"fp32": 4, "bf16": 4}
 # The engine's KV cache, sized to the workload: 4 prompts x (~530 + 4 x 32) tokens with the prompts prefix-cached
 # need ~0.1 GiB in fp32 and half that in bf16; each gets about twice its need.
 KV_CACHE_GIB = {"fp32": 0.25, "bf16": 0.125}
@@ -77,8 +77,9 @@ class StepClock(Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def model_flops(config, prompt_length: int, completion_lengths: list[int]) -> float:
-    """Forward + backward FLOPs of one group as the trainer scores it, counting useful work only.
+def model_flops(config, prompt_length: int, completion_lengths: list[int]) -> tuple[float, float]:
+    """Forward + backward FLOPs of one group as the trainer scores it, counting useful work only: (linear layers,
+    attention).
 
     The shared prompt runs once (its last token leads the completions), every real completion token once; linear
     layers cost 6 FLOPs per weight per token, ``lm_head`` only on completion tokens, and causal attention 12 FLOPs per
@@ -91,14 +92,14 @@ def model_flops(config, prompt_length: int, completion_lengths: list[int]) -> fl
     completion = sum(completion_lengths)
     linear = 6 * (layers * per_layer * (shared + completion) + config.vocab_size * d * completion)
     pairs = shared * (shared + 1) / 2 + sum(n * shared + n * (n + 1) / 2 for n in completion_lengths)
-    return linear + 12 * d * layers * pairs
+    return linear, 12 * d * layers * pairs
 
 
 def instrument() -> dict[str, list[float]]:
     """Time the rollout batch (waiting for it, and in it engine generation and weight sync); count the tokens and
     model FLOPs of each trainer forward."""
     record: dict[str, list[float]] = {
-        "rollout_s": [], "generate_s": [], "sync_s": [], "train_tokens": [], "train_flops": []
+        "rollout_s": [], "generate_s": [], "sync_s": [], "train_tokens": [], "train_flops": [], "attention_flops": []
     }  # fmt: skip
 
     def timed(method, key):
@@ -130,18 +131,56 @@ def instrument() -> dict[str, list[float]]:
     def counted(model, input_ids, attention_mask, completion_length, group_ids, *args, **kwargs):
         prompt = attention_mask[:, : input_ids.shape[1] - completion_length].sum(-1)  # [B]
         completion = attention_mask[:, -completion_length:].sum(-1)  # [B]
-        tokens = flops = 0.0
+        tokens = flops = attention = 0.0
         for group in group_ids.unique():
             rows = (group_ids == group).nonzero().squeeze(1)
             lengths = completion[rows].tolist()
             tokens += int(prompt[rows[0]]) - 1 + sum(lengths)
-            flops += model_flops(model.config, int(prompt[rows[0]]), lengths)
+            linear_flops, attention_flops = model_flops(model.config, int(prompt[rows[0]]), lengths)
+            flops += linear_flops + attention_flops
+            attention += attention_flops
         record["train_tokens"].append(tokens)
         record["train_flops"].append(flops)
+        record["attention_flops"].append(attention)
         return grouped(model, input_ids, attention_mask, completion_length, group_ids, *args, **kwargs)
 
     rl_module.grouped_completion_logprobs = counted
     return record
+
+
+# Operator families of the train-phase profile (``--profile-step``), matched against ATen op names in this order.
+_OP_FAMILIES = {
+    "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"),
+    "attention": ("scaled_dot_product",),
+    "copy, cast, fill": ("aten::copy_", "aten::fill_", "aten::zero_", "aten::cat", "aten::index", "aten::_index_put"),
+    "optimizer": ("adamw",),
+}
+
+
+def profile_training_step(step: int, record: dict) -> None:
+    """Run the ``step``-th training step (0-based) under the torch profiler and store, in ``record["profile"]``, its
+    wall time and each operator family's self time."""
+    training_step = RLPolicyModule.training_step
+    calls = iter(range(step + 1))
+
+    def profiled(self, dataloader_iter):
+        if next(calls, None) != step:
+            return training_step(self, dataloader_iter)
+        batch = next(dataloader_iter)  # the rollout stays outside the profile: it is the engine's time
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            result = training_step(self, iter([batch]))
+        wall = time.perf_counter() - start
+        seconds = {family: 0.0 for family in (*_OP_FAMILIES, "other ops")}
+        for event in prof.key_averages():
+            if event.self_cpu_time_total <= 0 or not event.key.startswith("aten::"):
+                continue
+            family = next((f for f, keys in _OP_FAMILIES.items() if any(k in event.key for k in keys)), "other ops")
+            seconds[family] += event.self_cpu_time_total / 1e6
+        record["profile"] = {"wall_s": wall, "self_s": seconds}
+        return result
+
+    RLPolicyModule.training_step = profiled
 
 
 def main() -> None:
@@ -153,9 +192,13 @@ def main() -> None:
     ap.add_argument("--no-host-memory-reuse", action="store_true", help="leave glibc malloc's defaults (see HostMemoryReuse)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward (4 = one group)")
     ap.add_argument("--kv-cache-gib", type=float, default=KV_CACHE_GIB["fp32"])
+    ap.add_argument("--profile-step", type=int, help="profile this training step (0-based) with the torch profiler")
     args = ap.parse_args()
 
-    record = instrument()
+    record: dict = {}
+    if args.profile_step is not None:  # inside the step timers, so the profiled step is timed like the others
+        profile_training_step(args.profile_step, record)
+    record.update(instrument())
     pl.seed_everything(0)
     module = RLPolicyModule(
         model=EMBEDDED_MODEL, loss_type="dapo", lr=1e-6, micro_batch_size=args.micro_batch_size, max_grad_norm=1.0

@@ -38,7 +38,7 @@ def record(section: str, rows: list[str]) -> None:
     """Append a dated block with the exact command, the machine line and the result rows."""
     script = Path(sys.argv[0]).resolve()
     module = f"-m benchmarks.{script.stem}" if script.parent == Path(__file__).resolve().parent else shlex.quote(sys.argv[0])
-    command = f"python {module} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = " ".join(["python", module, *(shlex.quote(a) for a in sys.argv[1:])])
     block = [
         f"\n### {section} — {datetime.date.today().isoformat()}",
         f"- command: `{command}`",
