@@ -67,14 +67,19 @@ def anchor_records(count: int) -> list[PromptRecord]:
 
 
 class StepClock(Callback):
+    """Wall clock of each step, and the process's resident memory after it (Linux ``/proc``)."""
+
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.rss_mb: list[int] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.seconds.append(time.perf_counter() - self._start)
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        self.rss_mb.append(resident_pages * resource.getpagesize() >> 20)
 
 
 def model_flops(config, prompt_length: int, completion_lengths: list[int]) -> tuple[float, float]:
@@ -227,7 +232,7 @@ def main() -> None:
     )
     trainer.fit(module, datamodule=data)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"step_s": clock.seconds, "peak_rss_mb": round(rss), **record}))
+    print(json.dumps({"step_s": clock.seconds, "rss_mb": clock.rss_mb, "peak_rss_mb": round(rss), **record}))
 
 
 if __name__ == "__main__":

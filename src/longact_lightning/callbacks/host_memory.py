@@ -38,8 +38,11 @@ class HostMemoryReuse(Callback):
     large block with fresh ``mmap`` pages and unmaps them on free. A training step on the CPU allocates and frees the
     same gigabytes of activations, logits and gradients every micro-batch, so every step the kernel zero-fills and
     maps all of them again. On the 2-core reference machine that page faulting was ~25 % of a bf16 RL step on
-    SmolLM2-135M (``benchmarks/RESULTS.md``). With this callback freed blocks stay in the heap and are reused; the
-    price is that the process holds on to its peak footprint (a few hundred MB more peak RSS there).
+    SmolLM2-135M (``benchmarks/RESULTS.md``). With this callback freed blocks stay in the heap and are reused. The
+    price is memory: the heap never shrinks, and blocks of changing sizes fragment it, so the resident set keeps
+    growing for a while: on that workload 0.6-1.2 GB more than without the callback after 12 steps, still growing
+    by 106-158 MB per step against 48-73 MB (``benchmarks/rss_growth.py``). Where memory is tighter than time, turn
+    it off.
 
     The setting is process-wide and stays for the life of the process. It is applied at ``setup`` on every rank and
     does nothing where tensors live on an accelerator (their memory has its own caching allocator) or off glibc.
