@@ -37,8 +37,8 @@ ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "trl_anchor.
 
 # Sequences per forward/backward pass: one group at a time, for peak memory. More groups per pass form every weight
 # gradient, the lm_head product and the tied embedding's [vocab, hidden] gradient less often: in bf16 two groups per
-# pass make the train phase ~7 % faster, but put peak RSS at ~0.72x of TRL's lower bf16 readings (8.9-10.4 GB).
-MICRO_BATCH_SIZE = {"fp32": 4, "bf16": 4}
+# pass make the train phase ~6 % faster, but put peak RSS at 0.73x of TRL's lowest bf16 reading (8.9 of 8.9-10.4 GB).
+MICRO_BATCH_SIZE = 4
 # The engine's KV cache, sized to the workload: 4 prompts x (~530 + 4 x 32) tokens with the prompts prefix-cached
 # need ~0.1 GiB in fp32 and half that in bf16; each gets about twice its need.
 KV_CACHE_GIB = {"fp32": 0.25, "bf16": 0.125}
@@ -50,7 +50,7 @@ def run(steps: int, bf16: bool, extra: list[str] | None = None) -> dict:
     precision = ["--precision", "bf16-mixed", "--engine-dtype", "bfloat16"] if bf16 else []
     name = "bf16" if bf16 else "fp32"
     cmd = [sys.executable, "-m", "benchmarks._longact_rl_step", "--steps", str(steps), *precision,
-           "--micro-batch-size", str(MICRO_BATCH_SIZE[name]), "--kv-cache-gib", str(KV_CACHE_GIB[name]),
+           "--micro-batch-size", str(MICRO_BATCH_SIZE), "--kv-cache-gib", str(KV_CACHE_GIB[name]),
            *(extra or [])]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])

@@ -39,7 +39,7 @@ def main() -> None:
     record(
         "Resident memory per step, bf16-mixed (SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, LongAct on)",
         [
-            f"micro-batch {MICRO_BATCH_SIZE['bf16']}, {args.steps} steps per arm",
+            f"micro-batch {MICRO_BATCH_SIZE}, {args.steps} steps per arm",
             summarize("HostMemoryReuse on (the CLI default)", reuse),
             summarize("HostMemoryReuse off (glibc defaults)", plain),
         ],

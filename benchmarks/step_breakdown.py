@@ -68,8 +68,8 @@ def main() -> None:
         "RL step breakdown and train-phase MFU (SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, LongAct on)",
         [
             f"bf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s (2048^3, best of 10)",
-            summarize(f"fp32, micro-batch {MICRO_BATCH_SIZE['fp32']}", fp32, peak),
-            summarize(f"bf16-mixed (engine bf16), micro-batch {MICRO_BATCH_SIZE['bf16']}", bf16, peak),
+            summarize(f"fp32, micro-batch {MICRO_BATCH_SIZE}", fp32, peak),
+            summarize(f"bf16-mixed (engine bf16), micro-batch {MICRO_BATCH_SIZE}", bf16, peak),
         ],
     )
 

@@ -3,9 +3,9 @@
 Runs this project's reference-workload step (``benchmarks/_longact_rl_step.py``, bf16-mixed, the comparison's
 micro-batch size) for three steps and profiles the third one's training (the rollout is left out). ATen operators are
 grouped into families (``_longact_rl_step._OP_FAMILIES``) by self time, and the model FLOPs of the MFU are split into
-the linear layers' (run as matmuls) and attention's (causal pairs only). Together with the
-bf16 matmul peak measured in the same run this says how fast each family runs and how much of the step it takes,
-i.e. which part keeps MFU where it is. Profiler bookkeeping slows the step a little; the shares are what matter.
+the linear layers' (run as matmuls) and attention's (causal pairs only). Together with the bf16 matmul peak measured
+in the same run this says how fast each family runs and how much of the step it takes, i.e. which part keeps MFU
+where it is. Profiler bookkeeping slows the step a little; the shares are what matter.
 
 Usage: python -m benchmarks.train_profile
 """
@@ -45,7 +45,7 @@ def main() -> None:
         "Train-phase profile, bf16-mixed (SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, LongAct on)",
         [
             f"bf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s (2048^3, best of 10); micro-batch "
-            f"{MICRO_BATCH_SIZE['bf16']}",
+            f"{MICRO_BATCH_SIZE}",
             f"profiled `training_step` of step {_PROFILED_STEP + 1}: {wall:.2f} s under the profiler, "
             f"{flops / 1e12:.2f} TFLOP of model FLOPs: **MFU {100 * flops / wall / peak:.0f} %** (profiler on)",
             f"self time by operator family: {families}; outside ATen operators (Python, autograd engine, hooks): "
