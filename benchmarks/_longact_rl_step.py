@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--engine-dtype", default="float32")
     ap.add_argument("--no-longact", action="store_true")
     ap.add_argument("--no-host-memory-reuse", action="store_true", help="leave glibc malloc's defaults (see HostMemoryReuse)")
+    ap.add_argument("--host-memory-release-every", type=int, default=1, help="HostMemoryReuse(release_every_n_steps=)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward (4 = one group)")
     ap.add_argument("--kv-cache-gib", type=float, default=KV_CACHE_GIB["fp32"])
     ap.add_argument("--profile-step", type=int, help="profile this training step (0-based) with the torch profiler")
@@ -224,7 +225,7 @@ def main() -> None:
     )
     clock = StepClock()
     # as the CLI runs it: HostMemoryReuse is one of its default callbacks
-    callbacks = [clock, HostMemoryReuse(enabled=not args.no_host_memory_reuse)]
+    callbacks = [clock, HostMemoryReuse(not args.no_host_memory_reuse, args.host_memory_release_every)]
     callbacks += [] if args.no_longact else [LongAct(top_ratio=0.3)]
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="cpu", devices=1, precision=args.precision, logger=False,

@@ -12,15 +12,27 @@ from pathlib import Path
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def machine_line() -> str:
-    cpu = "unknown CPU"
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # the instruction sets behind the bf16 matmul peak
+
+
+def cpu_description() -> str:
+    """CPU name, family/model and bf16 instruction sets, e.g. ``AMD EPYC, family 25 model 17, avx512_bf16``.
+
+    Cloud VMs report the same model name for CPU generations whose bf16 matmul peak differs by 2x, so the family and
+    model numbers are what tell two rows' machines apart.
+    """
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        pass
+        return platform.processor() or "unknown CPU"
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu.splitlines())}
+    bf16 = [flag for flag in _BF16_FLAGS if flag in fields.get("flags", "").split()] or ["no bf16 instructions"]
+    generation = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    return ", ".join([fields.get("model name", "unknown CPU"), generation, *bf16])
+
+
+def machine_line() -> str:
+    cpu = cpu_description()
     import torch
 
     versions = [f"torch {torch.__version__}"]

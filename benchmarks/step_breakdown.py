@@ -43,14 +43,15 @@ def summarize(name: str, result: dict, peak: float) -> str:
     for i in range(1, steps):
         micro = slice(i * per_step, (i + 1) * per_step)
         rollout = result["rollout_s"][i]
-        rows.append((result["step_s"][i], rollout, result["generate_s"][i], result["sync_s"][i],
+        generate, sync = result["generate_s"][i], result["sync_s"][i]
+        rows.append((result["step_s"][i], rollout, generate, sync, rollout - generate - sync,
                      result["step_s"][i] - rollout, sum(result["train_tokens"][micro]),
                      sum(result["train_flops"][micro])))  # fmt: skip
-    step, rollout, generate, sync, train, tokens, flops = (statistics.median(column) for column in zip(*rows))
+    step, rollout, generate, sync, rest, train, tokens, flops = (statistics.median(column) for column in zip(*rows))
     mfus = [f / t / peak for *_, t, _, f in rows]
     return (
         f"{name}: step {step:.1f} s = rollout {rollout:.1f} s (weight sync {sync:.2f} s = **{100 * sync / step:.1f} "
-        f"%** of the step, target <= 5 %; generate {generate:.1f} s; rewards and collation {rollout - generate - sync:.2f}"
+        f"%** of the step, target <= 5 %; generate {generate:.1f} s; rewards and collation {rest:.2f}"
         f" s) + train {train:.1f} s; train phase {tokens / train:.0f} tok/s, {flops / 1e12:.2f} TFLOP per step, "
         f"**MFU {100 * statistics.median(mfus):.0f} % of the bf16 peak** (target >= 35 %; per step "
         + ", ".join(f"{100 * m:.0f}" for m in mfus) + ")"

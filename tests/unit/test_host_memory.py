@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -55,3 +56,21 @@ def test_callback_applies_the_setting_on_the_cpu_only_when_enabled(monkeypatch, 
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     HostMemoryReuse(enabled=enabled).setup(trainer, pl.LightningModule(), "fit")
     assert len(calls) == int(enabled)
+
+
+def test_free_pages_are_released_after_every_nth_step_only_while_active(monkeypatch):
+    released = []
+    monkeypatch.setattr(host_memory, "retain_freed_host_memory", lambda: True)
+    monkeypatch.setattr(host_memory, "release_free_host_memory", lambda: released.append(1) or True)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    callback = HostMemoryReuse(release_every_n_steps=2)
+    callback.on_train_batch_end(SimpleNamespace(global_step=2), pl.LightningModule())  # before setup: glibc's heap
+    callback.setup(trainer, pl.LightningModule(), "fit")
+    for step in range(1, 7):
+        callback.on_train_batch_end(SimpleNamespace(global_step=step), pl.LightningModule())
+    assert len(released) == 3  # after steps 2, 4, 6
+
+
+def test_a_negative_release_interval_is_rejected():
+    with pytest.raises(ValueError, match="release_every_n_steps=-1"):
+        HostMemoryReuse(release_every_n_steps=-1)
