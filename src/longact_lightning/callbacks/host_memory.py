@@ -50,12 +50,12 @@ class HostMemoryReuse(Callback):
     same gigabytes of activations, logits and gradients every micro-batch, so every step the kernel zero-fills and
     maps all of them again. On the 2-core reference machine that page faulting was ~25 % of a bf16 RL step on
     SmolLM2-135M (``benchmarks/RESULTS.md``). With this callback freed blocks stay in the heap and are reused. Kept
-    for the whole run, the heap fragments under changing sequence lengths and the resident set keeps growing (to 8.0
-    GB after 40 steps on that workload, against 6.3 GB without the callback; ``benchmarks/rss_growth.py``). So by
+    for the whole run, the heap fragments under changing sequence lengths and the resident set keeps growing (to 8.1
+    GB after 40 steps on that workload, against 6.8 GB without the callback; ``benchmarks/rss_growth.py``). So by
     default the heap's free pages go back to the OS once per step, after the optimizer step: the step's own
-    micro-batches and backward pass still reuse each other's memory, which is where the time goes, and the next step
-    faults its pages in once. Measured side by side over 20 steps that was as fast as never releasing (15.2 vs 15.1 s
-    per step, 16.3 s without the callback) at a lower peak (6.2 vs 6.5 GB, 6.4 GB without).
+    micro-batches and backward pass still reuse each other's memory, and the next step faults its pages in once.
+    That bounds the peak (6.6 GB after 40 steps, the lowest of the three) and costs time: run alternately against
+    never releasing, the train phase was 7-21 % slower, since its first micro-batch faults the pages in again.
 
     The setting is process-wide and stays for the life of the process. It is applied at ``setup`` on every rank and
     does nothing where tensors live on an accelerator (their memory has its own caching allocator) or off glibc.
