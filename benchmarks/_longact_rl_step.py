@@ -2,7 +2,7 @@
 
 Run by ``benchmarks/rl_step_vs_trl.py`` and ``benchmarks/step_breakdown.py`` (through :func:`run`); prints one
 JSON line with per-step wall clock, the time spent producing the rollout batch (of it: generating and syncing weights),
-the tokens and model FLOPs the trainer processed, and peak RSS.
+the tokens and model FLOPs the trainer processed, the resident set and glibc heap after each step, and peak RSS.
 The engine and log-prob functions are wrapped with timers/counters here (benchmark instrumentation only).
 The workload is the one of ``shared/tools/trl_anchor.py`` (its own prompt generator is imported, so both sides see
 identical prompts): SmolLM2-135M-Instruct, DAPO (eps 0.2 / 0.28, no KL), 4 prompts x 4 generations per step,
@@ -12,6 +12,8 @@ identical prompts): SmolLM2-135M-Instruct, DAPO (eps 0.2 / 0.28, no KL), 4 promp
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import importlib.util
 import json
 import random
@@ -66,12 +68,32 @@ def anchor_records(count: int) -> list[PromptRecord]:
     return [PromptRecord(prompt=r["prompt"][0]["content"], answers=(r["answer"],), task="anchor") for r in rows]
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+    )]  # fmt: skip
+
+
+def heap_mb() -> tuple[int, int] | None:
+    """glibc's heap after a step (``mallinfo2``, glibc >= 2.33): MB in use and MB free but held by the process.
+
+    Tells the two kinds of growth apart: free-but-held memory is fragmentation (what ``HostMemoryReuse``'s release
+    returns), in-use memory is something the process keeps. ``None`` off glibc."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) >> 20, info.fordblks >> 20
+
+
 class StepClock(Callback):
-    """Wall clock of each step, and the process's resident memory after it (Linux ``/proc``)."""
+    """Wall clock of each step, and the process's resident memory and heap after it (Linux ``/proc``, glibc)."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self.rss_mb: list[int] = []
+        self.heap_mb: list[tuple[int, int] | None] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
@@ -80,6 +102,7 @@ class StepClock(Callback):
         self.seconds.append(time.perf_counter() - self._start)
         resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
         self.rss_mb.append(resident_pages * resource.getpagesize() >> 20)
+        self.heap_mb.append(heap_mb())
 
 
 def model_flops(config, prompt_length: int, completion_lengths: list[int]) -> tuple[float, float]:
@@ -233,7 +256,9 @@ def main() -> None:
     )
     trainer.fit(module, datamodule=data)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"step_s": clock.seconds, "rss_mb": clock.rss_mb, "peak_rss_mb": round(rss), **record}))
+    print(json.dumps({
+        "step_s": clock.seconds, "rss_mb": clock.rss_mb, "heap_mb": clock.heap_mb, "peak_rss_mb": round(rss), **record
+    }))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 The TRL comparison reads peak RSS over four steps. This runs this project's reference-workload step
 (``benchmarks/_longact_rl_step.py``, bf16-mixed, the comparison's micro-batch size) for longer in three arms:
 ``HostMemoryReuse`` keeping freed memory for the whole run, the same releasing the heap's free pages after every step,
-and glibc's defaults. It reports the resident set after every step, the peak, and the step time, so growth that a
-four-step peak hides (allocator fragmentation, native caches) shows up.
+and glibc's defaults. It reports the resident set after every step, the peak, the step time and glibc's heap (in use
+and free but held), so growth that a four-step peak hides shows up and fragmentation is told apart from memory the
+process keeps.
 
 Usage: python -m benchmarks.rss_growth [--steps 12]
 """
@@ -24,10 +25,13 @@ def summarize(name: str, result: dict) -> str:
     rss = result["rss_mb"]
     half = len(rss) // 2
     growth = (rss[-1] - rss[half - 1]) / (len(rss) - half)
+    heap = [h for h in result["heap_mb"] if h is not None]
+    in_use = "; glibc heap in use / free but held after each step (MB) " + ", ".join(f"{u}/{f}" for u, f in heap)
     return (
         f"{name}: RSS after each step (MB) " + ", ".join(str(r) for r in rss)
         + f"; growth over steps {half + 1}-{len(rss)}: **{growth:.0f} MB per step**; peak RSS "
         f"**{result['peak_rss_mb']} MB**; median step {statistics.median(result['step_s'][1:]):.1f} s"
+        + (in_use if heap else "")
     )
 
 
