@@ -12,8 +12,6 @@ identical prompts): SmolLM2-135M-Instruct, DAPO (eps 0.2 / 0.28, no KL), 4 promp
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import importlib.util
 import json
 import random
@@ -27,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks._heap import heap_mb
 from longact_lightning.callbacks import HostMemoryReuse, LongAct
 from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.data.records import PromptRecord
@@ -66,25 +65,6 @@ def anchor_records(count: int) -> list[PromptRecord]:
     rng = random.Random(0)
     rows = [module.make_prompt(rng) for _ in range(count)]
     return [PromptRecord(prompt=r["prompt"][0]["content"], answers=(r["answer"],), task="anchor") for r in rows]
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-    )]  # fmt: skip
-
-
-def heap_mb() -> tuple[int, int] | None:
-    """glibc's heap after a step (``mallinfo2``, glibc >= 2.33): MB in use and MB free but held by the process.
-
-    Tells the two kinds of growth apart: free-but-held memory is fragmentation (what ``HostMemoryReuse``'s release
-    returns), in-use memory is something the process keeps. ``None`` off glibc."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return (info.uordblks + info.hblkhd) >> 20, info.fordblks >> 20
 
 
 class StepClock(Callback):
@@ -220,6 +200,7 @@ def main() -> None:
     ap.add_argument("--no-host-memory-reuse", action="store_true", help="leave glibc malloc's defaults (see HostMemoryReuse)")
     ap.add_argument("--host-memory-release-every", type=int, default=1, help="HostMemoryReuse(release_every_n_steps=)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward (4 = one group)")
+    ap.add_argument("--pad-to-multiple-of", type=int, default=1, help="RLPolicyModule(pad_to_multiple_of=)")
     ap.add_argument("--kv-cache-gib", type=float, default=KV_CACHE_GIB["fp32"])
     ap.add_argument("--profile-step", type=int, help="profile this training step (0-based) with the torch profiler")
     args = ap.parse_args()
@@ -230,7 +211,8 @@ def main() -> None:
     record.update(instrument())
     pl.seed_everything(0)
     module = RLPolicyModule(
-        model=EMBEDDED_MODEL, loss_type="dapo", lr=1e-6, micro_batch_size=args.micro_batch_size, max_grad_norm=1.0
+        model=EMBEDDED_MODEL, loss_type="dapo", lr=1e-6, micro_batch_size=args.micro_batch_size, max_grad_norm=1.0,
+        pad_to_multiple_of=args.pad_to_multiple_of,
     )
     data = RolloutDataModule(
         source=anchor_records(64),

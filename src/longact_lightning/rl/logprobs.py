@@ -77,6 +77,7 @@ def grouped_completion_logprobs(
     group_ids: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = True,
+    pad_to_multiple_of: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`completion_logprobs`, running each group's shared prompt through the model once instead of G times.
 
@@ -97,15 +98,24 @@ def grouped_completion_logprobs(
     Needs the KV cache (so not under HF gradient checkpointing, which drops it) and an attention implementation that
     takes a 4D mask (``sdpa``, ``eager``); with any other the plain computation runs instead.
 
+    CPU kernels keep native memory for every input shape they meet (about 4 MB per sequence length for bf16
+    attention, ~1.8 MB per row count for a bf16 linear layer; ``benchmarks/shape_cache_growth.py``), and RL batches
+    bring new lengths every step, so the process's heap grows until every length has been seen.
+    ``pad_to_multiple_of`` rounds both passes' lengths up, which bounds the distinct shapes at the price of up to
+    ``pad_to_multiple_of - 1`` padding tokens per pass; the values are unchanged (padding is seen by nothing real).
+
     Args:
         group_ids: ``[B]`` rows with equal ids must have identical prompt columns.
+        pad_to_multiple_of: round the shared-prompt and packed-completion lengths up to a multiple of this.
         Others: as :func:`completion_logprobs`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 to score tokens; greedy rollouts score at 1.0.")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1 (1 = no padding).")
     if model.config._attn_implementation not in _MASKABLE_ATTENTION:
         return completion_logprobs(model, input_ids, attention_mask, completion_length, temperature, with_entropy)
-    packed = _PackedGroups.build(input_ids, attention_mask, completion_length, group_ids)
+    packed = _PackedGroups.build(input_ids, attention_mask, completion_length, group_ids, pad_to_multiple_of)
     logprobs = input_ids.new_zeros(input_ids.shape[0], completion_length, dtype=torch.float32)  # [B, C]
     entropy = torch.zeros_like(logprobs) if with_entropy else None
     if not packed.real.any():
@@ -168,7 +178,12 @@ class _PackedGroups:
 
     @classmethod
     def build(
-        cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int, group_ids: torch.Tensor
+        cls,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_length: int,
+        group_ids: torch.Tensor,
+        pad_to_multiple_of: int = 1,
     ) -> _PackedGroups:
         prompt_length = input_ids.shape[1] - completion_length
         batch = torch.arange(len(group_ids), device=group_ids.device)  # [B]
@@ -196,14 +211,16 @@ class _PackedGroups:
             as_tuple=True
         )  # [N], [N] every real completion token
         where = (row_group[rows], starts[rows] + columns)
-        width = int(totals.max())
+        width = _round_up(int(totals.max()), pad_to_multiple_of)
 
         def packed(values: torch.Tensor, fill: int) -> torch.Tensor:  # [N] -> [g, T]
             return values.new_full((len(groups), width), fill).index_put(where, values)
 
         inputs = torch.cat([lead[row_group], completions[:, :-1]], dim=1)  # [B, C] token whose logit scores column j
+        prompt_width = _round_up(int(shared.max()), pad_to_multiple_of)
+        prompts = torch.nn.functional.pad(prompts, (0, prompt_width - prompt_length))  # [g, S] cut or padded with 0
         return cls(
-            prompts=prompts[:, : int(shared.max())],
+            prompts=prompts,
             shared=shared,
             inputs=packed(inputs[rows, columns], 0),
             targets=packed(completions[rows, columns], 0),
@@ -219,6 +236,10 @@ class _PackedGroups:
 
 
 _MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def _round_up(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
 
 
 def _token_logprobs(
