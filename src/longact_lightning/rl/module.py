@@ -148,7 +148,8 @@ class RLPolicyModule(pl.LightningModule):
         )
         _validate_training_args(
             advantage_std, advantage_eps, temperature, lr, weight_decay, betas, ppo_epochs, micro_batch_size,
-            pad_to_multiple_of, max_grad_norm, export_dir, export_every_n_steps,
+            pad_to_multiple_of, share_prompt and not gradient_checkpointing, max_grad_norm, export_dir,
+            export_every_n_steps,
         )  # fmt: skip
         self.advantage_std: StdScaling = advantage_std or ("none" if loss_type == "dr_grpo" else "group")
 
@@ -332,6 +333,7 @@ def _validate_training_args(
     ppo_epochs: int,
     micro_batch_size: int,
     pad_to_multiple_of: int,
+    packs_prompts: bool,
     max_grad_norm: float | None,
     export_dir: str | None,
     export_every_n_steps: int | None,
@@ -355,6 +357,11 @@ def _validate_training_args(
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1 (sequences per forward pass).")
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1 (1 = no padding).")
+    if pad_to_multiple_of > 1 and not packs_prompts:
+        raise ValueError(
+            f"pad_to_multiple_of={pad_to_multiple_of} pads the packed share_prompt passes, which are off here; set "
+            "share_prompt=True and gradient_checkpointing=False, or pad_to_multiple_of=1."
+        )
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0, or None to disable clipping.")
     if export_every_n_steps is not None:
