@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import random
 import resource
@@ -43,6 +44,8 @@ MICRO_BATCH_SIZE = 4
 # The engine's KV cache, sized to the workload: 4 prompts x (~530 + 4 x 32) tokens with the prompts prefix-cached
 # need ~0.1 GiB in fp32 and half that in bf16; each gets about twice its need.
 KV_CACHE_GIB = {"fp32": 0.25, "bf16": 0.125}
+# The module's default, so a run without --pad-to-multiple-of measures what users get.
+PAD_TO_MULTIPLE_OF = inspect.signature(RLPolicyModule).parameters["pad_to_multiple_of"].default
 
 
 def run(steps: int, bf16: bool, extra: list[str] | None = None) -> dict:
@@ -200,7 +203,9 @@ def main() -> None:
     ap.add_argument("--no-host-memory-reuse", action="store_true", help="leave glibc malloc's defaults (see HostMemoryReuse)")
     ap.add_argument("--host-memory-release-every", type=int, default=1, help="HostMemoryReuse(release_every_n_steps=)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward (4 = one group)")
-    ap.add_argument("--pad-to-multiple-of", type=int, default=1, help="RLPolicyModule(pad_to_multiple_of=)")
+    ap.add_argument(
+        "--pad-to-multiple-of", type=int, default=PAD_TO_MULTIPLE_OF, help="RLPolicyModule(pad_to_multiple_of=)"
+    )
     ap.add_argument("--kv-cache-gib", type=float, default=KV_CACHE_GIB["fp32"])
     ap.add_argument("--profile-step", type=int, help="profile this training step (0-based) with the torch profiler")
     args = ap.parse_args()

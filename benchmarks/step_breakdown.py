@@ -8,7 +8,7 @@ trainer processed (``_longact_rl_step.model_flops``: linear layers, ``lm_head`` 
 attention) / train-phase time (step - rollout: forward, backward, optimizer, LongAct, logging) / the bf16 matmul peak
 of this machine measured here (a 2048^3 bf16 matmul).
 
-Usage: python -m benchmarks.step_breakdown [--steps 3]
+Usage: python -m benchmarks.step_breakdown [--steps 3] [--pad-to-multiple-of 16]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks._longact_rl_step import MICRO_BATCH_SIZE, run
+from benchmarks._longact_rl_step import MICRO_BATCH_SIZE, PAD_TO_MULTIPLE_OF, run
 from benchmarks._machine import record
 
 
@@ -61,12 +61,17 @@ def summarize(name: str, result: dict, peak: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument(
+        "--pad-to-multiple-of", type=int, default=PAD_TO_MULTIPLE_OF, help="RLPolicyModule(pad_to_multiple_of=)"
+    )
     args = ap.parse_args()
     peak = bf16_matmul_peak()
-    fp32 = run(args.steps + 1, bf16=False)
-    bf16 = run(args.steps + 1, bf16=True)
+    extra = ["--pad-to-multiple-of", str(args.pad_to_multiple_of)]
+    fp32 = run(args.steps + 1, bf16=False, extra=extra)
+    bf16 = run(args.steps + 1, bf16=True, extra=extra)
     record(
-        "RL step breakdown and train-phase MFU (SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, LongAct on)",
+        "RL step breakdown and train-phase MFU (SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, LongAct on, "
+        f"pad_to_multiple_of={args.pad_to_multiple_of})",
         [
             f"bf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s (2048^3, best of 10)",
             summarize(f"fp32, micro-batch {MICRO_BATCH_SIZE}", fp32, peak),

@@ -84,33 +84,44 @@ def test_grouped_runs_all_groups_in_one_prompt_pass_and_one_completion_pass():
     assert batch_sizes == [2, 2]  # [groups, shared prompt] then [groups, packed completions]
 
 
+def _score(grouped: bool, model, ids, mask, groups, pad_to_multiple_of: int = 1):
+    if grouped:
+        return grouped_completion_logprobs(model, ids, mask, C, groups, pad_to_multiple_of=pad_to_multiple_of)
+    return completion_logprobs(model, ids, mask, C, pad_to_multiple_of=pad_to_multiple_of)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_padding_to_a_multiple_rounds_both_passes_and_changes_no_value_or_gradient(attention):
+@pytest.mark.parametrize(
+    ("grouped", "lengths"),
+    [(True, [6, 13, 8, 16]), (False, [12, 16])],  # grouped: shared prompt 6, packed completions 13; plain: P + C = 12
+)
+def test_padding_to_a_multiple_rounds_every_pass_and_changes_no_value_or_gradient(attention, grouped, lengths):
     model = tiny_model("llama_gqa").train()
     model.config._attn_implementation = attention
-    ids, mask, groups = _two_groups_of_three()  # shared prompt 6 tokens, packed completions 13
+    ids, mask, groups = _two_groups_of_three()
     real = mask[:, P:].bool()
-    results, lengths = [], []
-    handle = model.model.layers[0].register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
+    results, seen = [], []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
     for multiple in (1, 8):
-        logprobs, entropy = grouped_completion_logprobs(model, ids, mask, C, groups, pad_to_multiple_of=multiple)
+        logprobs, entropy = _score(grouped, model, ids, mask, groups, multiple)
         objective = (logprobs * real).sum() + 0.1 * (entropy * real).sum()
         grads = torch.autograd.grad(objective, list(model.parameters()), allow_unused=True)
-        results.append((logprobs, entropy, grads))
+        results.append((logprobs[real], entropy[real], grads))
     handle.remove()
-    assert lengths == [6, 13, 8, 16]
+    assert seen == lengths
     (lp_a, ent_a, grads_a), (lp_b, ent_b, grads_b) = results
     torch.testing.assert_close(lp_b, lp_a, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ent_b[real], ent_a[real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent_b, ent_a, rtol=1e-5, atol=1e-6)
     for ga, gb in zip(grads_a, grads_b):
         if ga is not None:
             torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
 
 
-def test_padding_to_a_multiple_below_one_is_rejected():
+@pytest.mark.parametrize("grouped", [True, False])
+def test_padding_to_a_multiple_below_one_is_rejected(grouped):
     ids, mask, groups = _two_groups_of_three()
     with pytest.raises(ValueError, match="pad_to_multiple_of=0"):
-        grouped_completion_logprobs(tiny_model("llama_gqa"), ids, mask, C, groups, pad_to_multiple_of=0)
+        _score(grouped, tiny_model("llama_gqa"), ids, mask, groups, 0)
 
 
 def test_grouped_rejects_rows_of_one_group_with_different_prompts():

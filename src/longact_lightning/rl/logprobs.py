@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from longact_lightning.saliency.real_tokens import declare_real_tokens
@@ -33,6 +34,7 @@ def completion_logprobs(
     completion_length: int,
     temperature: float = 1.0,
     with_entropy: bool = True,
+    pad_to_multiple_of: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each completion token under ``model`` and the entropy of the distribution it was drawn from.
 
@@ -47,18 +49,23 @@ def completion_logprobs(
         completion_length: ``C``, the number of completion columns at the end of ``input_ids``.
         temperature: sampling temperature (> 0).
         with_entropy: also return the per-token entropy (costs one more ``[B, C, vocab]`` product).
+        pad_to_multiple_of: left-pad the sequence length up to a multiple of this (masked, so no value changes);
+            see :func:`grouped_completion_logprobs` for why.
 
     Returns:
         ``[B, C]`` float32 log-probs and ``[B, C]`` float32 entropies (``None`` without ``with_entropy``); values on
         padding columns are meaningless and must be masked by the caller.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 to score tokens; greedy rollouts score at 1.0.")
+    _check_scoring_args(temperature, pad_to_multiple_of)
     if not 0 < completion_length < input_ids.shape[1]:
         raise ValueError(
             f"completion_length={completion_length} must be in (0, {input_ids.shape[1]}): the sequence must hold "
             "at least one prompt token before the completion."
         )
+    padding = _round_up(input_ids.shape[1], pad_to_multiple_of) - input_ids.shape[1]
+    if padding:  # prompts are left-padded already; more of it moves no real token's position
+        input_ids = F.pad(input_ids, (padding, 0))
+        attention_mask = F.pad(attention_mask, (padding, 0))
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -109,12 +116,11 @@ def grouped_completion_logprobs(
         pad_to_multiple_of: round the shared-prompt and packed-completion lengths up to a multiple of this.
         Others: as :func:`completion_logprobs`.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 to score tokens; greedy rollouts score at 1.0.")
-    if pad_to_multiple_of < 1:
-        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1 (1 = no padding).")
+    _check_scoring_args(temperature, pad_to_multiple_of)
     if model.config._attn_implementation not in _MASKABLE_ATTENTION:
-        return completion_logprobs(model, input_ids, attention_mask, completion_length, temperature, with_entropy)
+        return completion_logprobs(
+            model, input_ids, attention_mask, completion_length, temperature, with_entropy, pad_to_multiple_of
+        )
     packed = _PackedGroups.build(input_ids, attention_mask, completion_length, group_ids, pad_to_multiple_of)
     logprobs = input_ids.new_zeros(input_ids.shape[0], completion_length, dtype=torch.float32)  # [B, C]
     entropy = torch.zeros_like(logprobs) if with_entropy else None
@@ -218,7 +224,7 @@ class _PackedGroups:
 
         inputs = torch.cat([lead[row_group], completions[:, :-1]], dim=1)  # [B, C] token whose logit scores column j
         prompt_width = _round_up(int(shared.max()), pad_to_multiple_of)
-        prompts = torch.nn.functional.pad(prompts, (0, prompt_width - prompt_length))  # [g, S] cut or padded with 0
+        prompts = F.pad(prompts, (0, prompt_width - prompt_length))  # [g, S] cut or padded with 0
         return cls(
             prompts=prompts,
             shared=shared,
@@ -236,6 +242,13 @@ class _PackedGroups:
 
 
 _MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def _check_scoring_args(temperature: float, pad_to_multiple_of: int) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 to score tokens; greedy rollouts score at 1.0.")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1 (1 = no padding).")
 
 
 def _round_up(length: int, multiple: int) -> int:

@@ -83,9 +83,9 @@ class RLPolicyModule(pl.LightningModule):
             KV cache, so it turns ``share_prompt`` off.
         share_prompt: encode each group's prompt once and reuse its KV cache for the G completions (same values and
             gradients, about G times less prompt work); see ``grouped_completion_logprobs``.
-        pad_to_multiple_of: with ``share_prompt``, round the prompt and packed-completion pass lengths up to a
-            multiple of this (1 = none). Fewer distinct shapes bound the native memory CPU kernels keep per shape,
-            for a few padding tokens per pass; see ``grouped_completion_logprobs``.
+        pad_to_multiple_of: round every scoring pass's sequence length up to a multiple of this (1 = none). Fewer
+            distinct shapes bound the native memory CPU kernels keep per shape, for a few padding tokens per pass;
+            see ``grouped_completion_logprobs``.
         export_dir: where to write the HF-format policy at the end of fit (``None`` = no export).
         export_every_n_steps: also export every N optimizer steps to ``export_dir/step_XXXXXX``.
     """
@@ -122,7 +122,7 @@ class RLPolicyModule(pl.LightningModule):
         max_grad_norm: float | None = 1.0,
         gradient_checkpointing: bool = False,
         share_prompt: bool = True,
-        pad_to_multiple_of: int = 1,
+        pad_to_multiple_of: int = 16,
         export_dir: str | None = None,
         export_every_n_steps: int | None = None,
     ) -> None:
@@ -148,8 +148,7 @@ class RLPolicyModule(pl.LightningModule):
         )
         _validate_training_args(
             advantage_std, advantage_eps, temperature, lr, weight_decay, betas, ppo_epochs, micro_batch_size,
-            pad_to_multiple_of, share_prompt and not gradient_checkpointing, max_grad_norm, export_dir,
-            export_every_n_steps,
+            pad_to_multiple_of, max_grad_norm, export_dir, export_every_n_steps,
         )  # fmt: skip
         self.advantage_std: StdScaling = advantage_std or ("none" if loss_type == "dr_grpo" else "group")
 
@@ -295,7 +294,7 @@ class RLPolicyModule(pl.LightningModule):
             return grouped_completion_logprobs(
                 *args, batch.group_ids, self.hparams.temperature, with_entropy, self.hparams.pad_to_multiple_of
             )
-        return completion_logprobs(*args, self.hparams.temperature, with_entropy)
+        return completion_logprobs(*args, self.hparams.temperature, with_entropy, self.hparams.pad_to_multiple_of)
 
     def _no_sync_unless(self, sync: bool) -> Any:
         """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
@@ -333,7 +332,6 @@ def _validate_training_args(
     ppo_epochs: int,
     micro_batch_size: int,
     pad_to_multiple_of: int,
-    packs_prompts: bool,
     max_grad_norm: float | None,
     export_dir: str | None,
     export_every_n_steps: int | None,
@@ -357,11 +355,6 @@ def _validate_training_args(
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1 (sequences per forward pass).")
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1 (1 = no padding).")
-    if pad_to_multiple_of > 1 and not packs_prompts:
-        raise ValueError(
-            f"pad_to_multiple_of={pad_to_multiple_of} pads the packed share_prompt passes, which are off here; set "
-            "share_prompt=True and gradient_checkpointing=False, or pad_to_multiple_of=1."
-        )
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0, or None to disable clipping.")
     if export_every_n_steps is not None:
