@@ -22,6 +22,23 @@ def _two_groups_of_three():
     return ids, mask, torch.tensor([0, 0, 0, 1, 1, 1])
 
 
+def _values_and_gradients(model, logprobs, entropy, real):
+    """What the equivalence tests compare: real tokens' log-probs and entropies, and the parameters' gradients of an
+    objective that uses both."""
+    objective = (logprobs * real).sum() + 0.1 * (entropy * real).sum()
+    grads = torch.autograd.grad(objective, list(model.parameters()), allow_unused=True)
+    return logprobs[real], entropy[real], grads
+
+
+def _assert_same(expected, actual, atol: float) -> None:
+    (lp_a, ent_a, grads_a), (lp_b, ent_b, grads_b) = expected, actual
+    torch.testing.assert_close(lp_b, lp_a, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(ent_b, ent_a, rtol=1e-5, atol=atol)
+    for ga, gb in zip(grads_a, grads_b):
+        if ga is not None:
+            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=atol)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", list(TINY_CONFIGS))
 def test_grouped_equals_plain_values_and_gradients(arch, attention):
@@ -35,15 +52,8 @@ def test_grouped_equals_plain_values_and_gradients(arch, attention):
             logprobs, entropy = grouped_completion_logprobs(model, ids, mask, C, groups)
         else:
             logprobs, entropy = completion_logprobs(model, ids, mask, C)
-        objective = (logprobs * real).sum() + 0.1 * (entropy * real).sum()
-        grads = torch.autograd.grad(objective, list(model.parameters()), allow_unused=True)
-        results.append((logprobs[real], entropy[real], grads))
-    (lp_a, ent_a, grads_a), (lp_b, ent_b, grads_b) = results
-    torch.testing.assert_close(lp_b, lp_a, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ent_b, ent_a, rtol=1e-5, atol=1e-5)
-    for ga, gb in zip(grads_a, grads_b):
-        if ga is not None:
-            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+        results.append(_values_and_gradients(model, logprobs, entropy, real))
+    _assert_same(*results, atol=1e-5)
 
 
 def _scrambled_groups():
@@ -104,17 +114,10 @@ def test_padding_to_a_multiple_rounds_every_pass_and_changes_no_value_or_gradien
     handle = model.model.layers[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
     for multiple in (1, 8):
         logprobs, entropy = _score(grouped, model, ids, mask, groups, multiple)
-        objective = (logprobs * real).sum() + 0.1 * (entropy * real).sum()
-        grads = torch.autograd.grad(objective, list(model.parameters()), allow_unused=True)
-        results.append((logprobs[real], entropy[real], grads))
+        results.append(_values_and_gradients(model, logprobs, entropy, real))
     handle.remove()
     assert seen == lengths
-    (lp_a, ent_a, grads_a), (lp_b, ent_b, grads_b) = results
-    torch.testing.assert_close(lp_b, lp_a, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ent_b, ent_a, rtol=1e-5, atol=1e-6)
-    for ga, gb in zip(grads_a, grads_b):
-        if ga is not None:
-            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+    _assert_same(*results, atol=1e-6)
 
 
 @pytest.mark.parametrize("grouped", [True, False])
