@@ -68,7 +68,19 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
+        # Not model.save_pretrained: transformers writes only on rank 0 of an initialized process group, and any rank
+        # may be the first to need the embedded model. Tied weights are stored once, under their first name
+        # (`model.embed_tokens.weight`, as save_pretrained does), which both transformers and vLLM tie back.
+        from safetensors.torch import save_file
+
+        state, stored = {}, set()
+        for name, tensor in model.state_dict().items():
+            if tensor.data_ptr() not in stored:
+                stored.add(tensor.data_ptr())
+                state[name] = tensor.contiguous()
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.chmod(0o755)
         try:

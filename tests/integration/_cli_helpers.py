@@ -7,6 +7,7 @@ subprocesses run with the repository root on ``PYTHONPATH``. Both talk back thro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,18 +18,21 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
+from lightning.pytorch.strategies import FSDPStrategy
 
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.saliency.projections import clean_name
 
 OUT_ENV = "LONGACT_TEST_OUT"
+GIVE_UP_RANK_ENV = "LONGACT_TEST_GIVE_UP_RANK"
 SLEEP_ENV = "LONGACT_TEST_STEP_SLEEP"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama-GQA (hidden 64) with the embedded SmolLM2 tokenizer, saved in HF format: loads in
-    milliseconds, and every config's tokenizer-dependent part (chat template, RULER sizing) still works."""
+def make_tiny_model_dir(path: Path, seed: int = 0, hidden_size: int = 64) -> Path:
+    """A 2-layer random Llama-GQA (4 query, 2 key/value heads) with the embedded SmolLM2 tokenizer, saved in HF
+    format: loads in milliseconds, and every config's tokenizer-dependent part (chat template, RULER sizing) still
+    works. vLLM's CPU attention needs a head size of at least 32: ``hidden_size=128``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from longact_lightning.models import load_tokenizer
@@ -37,8 +41,8 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
         return path
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -112,6 +116,75 @@ def write_run_config(path: Path, model_dir: Path, out: Path, **overrides: Any) -
     return path
 
 
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` (FSDP1) on CPU/gloo, for tests only.
+
+    Lightning 2.6.6 does not run ``FSDPStrategy`` on CPU, twice over: the accelerator connector raises "The strategy
+    `fsdp` requires a GPU accelerator" (it checks ``type(strategy) is FSDPStrategy``, so a subclass passes), and
+    ``_setup_model`` passes ``device_id=root_device.index`` (None on CPU), for which torch's FSDP1 raises "FSDP needs a
+    non-CPU accelerator device". torch's FSDP1 itself runs on CPU/gloo given ``device_id=torch.device("cpu")``, which
+    this subclass passes when Lightning wraps the model; a model already wrapped (``RLPolicyModule`` wraps its policy
+    in ``configure_model``) goes through Lightning's own code. Everything else (auto-wrapping, mixed precision,
+    checkpointing) is Lightning's, so the tests exercise the FSDP1 storage GPU users get (``use_orig_params`` flat
+    shards)."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+            return super()._setup_model(model)
+        return FullyShardedDataParallel(
+            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
+        )  # fmt: skip
+
+
+def full_policy_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    """Every parameter of the module as a full tensor (a collective under FSDP: call it on every rank), gathered
+    without the library's streaming gather: FSDP1 summons the whole root at once, FSDP2 ``full_tensor()``s."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    root = next((m for m in trainer.strategy.model.modules() if isinstance(m, FullyShardedDataParallel)), None)
+    if root is not None:
+        with FullyShardedDataParallel.summon_full_params(root, writeback=False, rank0_only=False):
+            return {clean_name(n): p.detach().clone() for n, p in pl_module.named_parameters()}
+    state = {}
+    for name, param in pl_module.named_parameters():
+        data = param.detach()
+        state[clean_name(name)] = (data.full_tensor() if hasattr(data, "full_tensor") else data).clone()
+    return state
+
+
+def reference_logprobs(config: Any, state: dict[str, torch.Tensor], sequences: list[list[int]], start: int) -> list:
+    """Log-probs of tokens ``start:`` of each sequence under a fresh fp32 HF model holding ``state`` (HF names):
+    full logits, no packing, no KV sharing: the plain definition the engine and the trainer must both meet."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    rows = []
+    with torch.no_grad():
+        for ids in sequences:
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            logp = torch.log_softmax(logits[start - 1 : -1], dim=-1)
+            rows.append(logp.gather(-1, torch.tensor(ids[start:])[:, None])[:, 0].tolist())
+    return rows
+
+
+def engine_logprobs(engine: Any, sequences: list[list[int]], start: int) -> list:
+    """The vLLM engine's log-probs of tokens ``start:`` of each sequence (``prompt_logprobs``)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    requests = [TokensPrompt(prompt_token_ids=ids) for ids in sequences]
+    outputs = engine.llm.generate(requests, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return [
+        [float(out.prompt_logprobs[i][ids[i]].logprob) for i in range(start, len(ids))]
+        for ids, out in zip(sequences, outputs, strict=True)
+    ]
+
+
 def subprocess_env(out: Path, **extra: str) -> dict[str, str]:
     """The environment of a CLI subprocess: repository root importable, 1 thread, no inherited DDP variables."""
     drop = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -136,7 +209,10 @@ def _rank() -> int:
 
 def logged_reward(completion: str, record: PromptRecord) -> float:
     """A reward with signal on any model (parity of the completion's CRC32) that logs which record it scored and on
-    which rank, to ``$LONGACT_TEST_OUT/prompts_rank{r}.jsonl``."""
+    which rank, to ``$LONGACT_TEST_OUT/prompts_rank{r}.jsonl``. On rank ``$LONGACT_TEST_GIVE_UP_RANK`` it is
+    constant, so that rank's dynamic sampling finds no group with signal."""
+    if os.environ.get(GIVE_UP_RANK_ENV) == str(_rank()):
+        return 0.0
     out = os.environ.get(OUT_ENV)
     if out:
         line = {"rank": _rank(), "index": record.metadata.get("index"), "pid": os.getpid()}
@@ -149,21 +225,29 @@ class RunRecorder(pl.Callback):
     """Records what the tests check, per rank, into ``$LONGACT_TEST_OUT``:
 
     * ``progress_rank{r}.json`` after every step (global step, pid), so a test knows when to signal;
+    * after every weight sync into a vLLM engine, the engine's log-probs of fixed sequences against those of the full
+      (gathered) policy, and the engine's ``(rank, local_rank)``;
+    * ``batch_rank{r}_step{s}.pt``: the first step's rollout batch, and each step's logged gradient norm;
     * ``rank{r}.json`` at the end of fit: the global step at train start and end, the DataModule's state and rank,
       and the frozen-row verdict: every Q/K row the LongAct mask leaves frozen is bit-identical at the end to its
       value at train start *and* to the untouched model directory on disk (so it held across a kill and resume),
-      some selected row moved, and non-Q/K weights moved;
-    * ``rank{r}.pt``: the LongAct row masks at train start (after any checkpoint restore) and at the end, and a
-      digest of every parameter (to compare ranks).
+      some selected row moved, and non-Q/K weights moved — all on the full, gathered weights;
+    * ``rank{r}.pt``: the LongAct row masks at train start (after any checkpoint restore) and at the end, and the
+      final full weights (to compare ranks and the export).
 
     ``$LONGACT_TEST_STEP_SLEEP`` seconds of sleep after each step pace a run for the signal tests.
     """
+
+    SEQUENCES_START = 6  # fixed sequences: 6 prompt tokens, then 10 scored ones
 
     def __init__(self) -> None:
         self.out = Path(os.environ[OUT_ENV])
         self.sleep = float(os.environ.get(SLEEP_ENV, "0"))
         self.start_step = -1
         self.steps: list[int] = []
+        self.grad_norms: list[float] = []
+        self.sync_checks: list[dict[str, Any]] = []
+        self.engine_workers: list[list[int]] = []
         self.start_params: dict[str, torch.Tensor] = {}
         self.start_masks: dict[str, torch.Tensor] = {}
 
@@ -173,17 +257,41 @@ class RunRecorder(pl.Callback):
 
         return next(cb for cb in trainer.callbacks if isinstance(cb, LongAct))
 
-    @staticmethod
-    def _params(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        return {clean_name(n): p.detach().clone() for n, p in pl_module.named_parameters()}
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        sync = datamodule.sync_weights
+
+        def sync_then_check() -> None:
+            before = datamodule.totals["weight_syncs"]
+            sync()
+            if datamodule.totals["weight_syncs"] > before and hasattr(datamodule.engine, "llm"):
+                self._check_engine(trainer, pl_module, datamodule.engine)
+
+        datamodule.sync_weights = sync_then_check
+
+    def _check_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: Any) -> None:
+        state = {k.removeprefix("policy."): v for k, v in full_policy_state(trainer, pl_module).items()}
+        vocab = pl_module.policy.config.vocab_size
+        g = torch.Generator().manual_seed(7)
+        sequences = [torch.randint(10, vocab, (16,), generator=g).tolist() for _ in range(2)]
+        expected = reference_logprobs(pl_module.policy.config, state, sequences, self.SEQUENCES_START)
+        served = engine_logprobs(engine, sequences, self.SEQUENCES_START)
+        diff = max(abs(a - b) for row_e, row_s in zip(expected, served) for a, b in zip(row_e, row_s))
+        self.sync_checks.append({"step": trainer.global_step, "max_abs_diff": diff})
+        if not self.engine_workers:
+            self.engine_workers = [list(r) for r in engine.worker_ranks()]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start_step = trainer.global_step
-        self.start_params = self._params(pl_module)
+        self.start_params = full_policy_state(trainer, pl_module)
         self.start_masks = {k: v.clone() for k, v in self._longact(trainer).row_mask.masks.items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.steps.append(trainer.global_step)
+        norm = trainer.callback_metrics.get("train/grad_norm")
+        self.grad_norms.append(float(norm) if norm is not None else float("nan"))
+        if len(self.steps) == 1:
+            torch.save(batch, self.out / f"batch_rank{trainer.global_rank}_step{self.start_step}.pt")
         progress = {"global_step": trainer.global_step, "pid": os.getpid(), "time": time.time()}
         (self.out / f"progress_rank{trainer.global_rank}.json").write_text(json.dumps(progress))
         if self.sleep:
@@ -193,7 +301,7 @@ class RunRecorder(pl.Callback):
         rank = trainer.global_rank
         longact = self._longact(trainer)
         masks = {k: v.clone() for k, v in longact.row_mask.masks.items()}
-        final = self._params(pl_module)
+        final = full_policy_state(trainer, pl_module)
         disk = _disk_weights(pl_module)
         failures: list[str] = []
         if not masks:
@@ -213,7 +321,11 @@ class RunRecorder(pl.Callback):
         others = [n for n in final if n not in masks and n.endswith("v_proj.weight")]
         if not others or any(torch.equal(final[n], disk[n]) for n in others):
             failures.append(f"v_proj weights did not move: {others}")
+        for check in self.sync_checks:
+            if not check["max_abs_diff"] <= 1e-3:
+                failures.append(f"engine log-probs differ from the policy's after the sync at step {check['step']}")
         datamodule = trainer.datamodule
+        engine = datamodule._engine
         verdict = {
             "rank": rank,
             "world_size": trainer.world_size,
@@ -221,6 +333,10 @@ class RunRecorder(pl.Callback):
             "start_step": self.start_step,
             "steps": self.steps,
             "global_step": trainer.global_step,
+            "grad_norms": self.grad_norms,
+            "sync_checks": self.sync_checks,
+            "engine_workers": self.engine_workers,
+            "engine_placement": dataclasses.asdict(engine.placement) if hasattr(engine, "placement") else None,
             "datamodule_rank": [datamodule._rank, datamodule._world],
             "datamodule_state": datamodule.state_dict(),
             "sampling_seed": datamodule.sampling.seed,
@@ -231,8 +347,7 @@ class RunRecorder(pl.Callback):
             "ok": not failures,
         }
         (self.out / f"rank{rank}.json").write_text(json.dumps(verdict, indent=1))
-        digest = {n: float(p.double().sum()) for n, p in final.items()}
-        torch.save({"start_masks": self.start_masks, "end_masks": masks, "digest": digest}, self.out / f"rank{rank}.pt")
+        torch.save({"start_masks": self.start_masks, "end_masks": masks, "final": final}, self.out / f"rank{rank}.pt")
 
 
 def _disk_weights(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
@@ -256,3 +371,39 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class ReplayBatches(pl.LightningDataModule):
+    """Serves given rollout batches, in order: a run on data recorded from another run."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.batches, batch_size=None, collate_fn=lambda batch: batch)
+
+
+def merge_batches(batches: list[Any]) -> Any:
+    """One ``RolloutBatch`` holding the groups of several (each rank's), re-padded: what one process would train on
+    if it had generated all of them."""
+    from longact_lightning.rollout import Rollout, RolloutBatch
+
+    groups, rewards = [], []
+    for batch in batches:
+        prompt_length = batch.prompt_length
+        for group in batch.group_ids.unique(sorted=True).tolist():
+            rows = (batch.group_ids == group).nonzero().flatten().tolist()
+            rollouts = []
+            for row in rows:
+                real = batch.attention_mask[row].bool()
+                prompt = batch.input_ids[row, :prompt_length][real[:prompt_length]].tolist()
+                completion = batch.input_ids[row, prompt_length:][real[prompt_length:]].tolist()
+                logprobs = None
+                if batch.engine_logprobs is not None:
+                    logprobs = tuple(batch.engine_logprobs[row, : len(completion)].tolist())
+                reason = "length" if bool(batch.truncated[row]) else "stop"
+                rollouts.append(Rollout(tuple(prompt), tuple(completion), logprobs, reason))
+            groups.append(rollouts)
+            rewards.append(batch.rewards[rows].tolist())
+    return RolloutBatch.from_groups(groups, rewards, pad_token_id=0)  # padding is masked: any id does

@@ -136,33 +136,32 @@ def test_weights_sync_when_the_step_advances_and_not_otherwise(tokenizer):
     dm.connect(policy, lambda: step["value"])
     stream = iter(dm.train_dataloader())
 
+    dm.sync_weights()
+    assert engine.loads == [["weight", "bias"]]  # the first sync always pushes: the engine started from `model`
     next(stream)
-    assert engine.loads == [["weight", "bias"]]  # the first generation always syncs: the engine started from `model`
-    next(stream)
+    dm.sync_weights()
     assert len(engine.loads) == 1  # same step: nothing to push
     step["value"] = 1
-    next(stream)
+    dm.sync_weights()
     assert len(engine.loads) == 1  # one step since the last push < sync_every_n_steps=2
     step["value"] = 2
-    next(stream)
+    dm.sync_weights()
     assert len(engine.loads) == 2
     assert dm.totals["weight_syncs"] == 2
 
 
-def test_every_generation_round_is_on_policy(tokenizer):
-    """Refill rounds also check the step, so no round generates with weights older than the last step."""
-    step = {"value": 0}
+def test_generating_a_batch_never_pushes_weights(tokenizer):
+    """Syncing is the module's call, before the step (outside FSDP's forward): the stream itself never gathers, so
+    every generation round of a batch, refills included, serves the weights of the last sync."""
     dm, engine = make(tokenizer, records(FLAT, VARIED, VARIED), dynamic_sampling=True)
-    dm.connect(torch.nn.Linear(1, 1), lambda: step["value"])
-    original = engine.generate
-
-    def generate_then_step(prompts, sampling):
-        step["value"] += 1  # pretend an optimizer step happens between rounds
-        return original(prompts, sampling)
-
-    engine.generate = generate_then_step
+    dm.connect(torch.nn.Linear(1, 1), lambda: 0)
     next(iter(dm.train_dataloader()))
-    assert len(engine.generated) == len(engine.loads) == 2
+    assert len(engine.generated) == 2 and engine.loads == []
+
+
+def test_sleep_level_2_needs_a_sync_before_every_generation(tokenizer):
+    with pytest.raises(ValueError, match="sleep_level=2 .* sync_every_n_steps=2"):
+        make(tokenizer, records(VARIED), engine_options={"sleep_level": 2}, sync_every_n_steps=2)
 
 
 def test_overlong_soft_punishment_and_truncation_mask(tokenizer):

@@ -31,7 +31,7 @@ from longact_lightning.saliency.masks import (
     validate_selection,
 )
 from longact_lightning.saliency.projections import QKProjection, clean_name, find_qk_projections
-from longact_lightning.saliency.real_tokens import declared_real_tokens
+from longact_lightning.saliency.real_tokens import declared_real_tokens, is_padding_only
 from longact_lightning.saliency.stats import STATISTICS, ChannelStats, Statistic
 
 
@@ -100,6 +100,7 @@ class ActivationSaliency(Callback):
         self._counted: dict[str, int] = {}
         self._handles: list[RemovableHandle] = []
         self._pending_metrics: dict[str, float] = {}
+        self._device: torch.device | None = None  # where the statistics are all-reduced
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -118,6 +119,7 @@ class ActivationSaliency(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not in setup: a module may build its model in configure_model, which runs after the callbacks' setup.
         self._attach(pl_module)
+        self._device = trainer.strategy.root_device  # not torch.cuda.current_device(): a colocated vLLM may move it
         if self.channel_masks:  # restored from a checkpoint
             self._push_masks()
             return
@@ -217,7 +219,7 @@ class ActivationSaliency(Callback):
     def _make_hook(self, module_name: str, projs: list[QKProjection]):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             # Gradient checkpointing re-runs the layer in backward; count each forward's tokens once.
-            if not self._collecting or self._counted.get(module_name) == self._forward_id:
+            if not self._collecting or self._counted.get(module_name) == self._forward_id or is_padding_only():
                 return
             self._counted[module_name] = self._forward_id
             mask = _current_token_mask(self._token_mask, output.shape[:-1])
@@ -249,7 +251,7 @@ class ActivationSaliency(Callback):
         for i, proj in enumerate(self.projections):
             key = self._key(proj)
             stats = self.stats[key]
-            stats.all_reduce()  # every rank selects from the same statistics, hence the same rows
+            stats.all_reduce(self._device)  # every rank selects from the same statistics, hence the same rows
             fresh = stats.value(self.statistic)
             old = self.scores.get(key)
             self.scores[key] = fresh if old is None or self.ema == 0 else self.ema * old + (1 - self.ema) * fresh

@@ -1,10 +1,11 @@
 """The DataModule that turns a prompt stream into on-policy training batches of whole rollout groups.
 
 Rollouts are generated lazily, inside ``next(dataloader)``: the RL module pulls its batch itself at the start of each
-training step (``training_step(dataloader_iter)``), after the previous optimizer step, and the stream pushes the
-policy's weights into the engine right before generating. So the rollouts used at step ``t`` come from the weights
-after step ``t - 1``. That is why the DataLoader has no workers and no batching of its own: the engine lives in this
-process and each item already is a full training batch.
+training step (``training_step(dataloader_iter)``), after the previous optimizer step, and has pushed the policy's
+weights into the engine just before (:meth:`RolloutDataModule.sync_weights`, from ``on_train_batch_start``: outside
+the FSDP root's forward, where sharded weights can be gathered). So the rollouts used at step ``t`` come from the
+weights after step ``t - 1``. That is why the DataLoader has no workers and no batching of its own: the engine lives
+in this process and each item already is a full training batch.
 
 Under data parallelism (DDP, FSDP) every rank has its own DataModule and engine. Rank ``r`` of ``W`` takes the
 records ``r, r + W, r + 2W, ...`` of each pass of the source, samples with its own seed, and the ranks agree on every
@@ -36,7 +37,7 @@ from longact_lightning.models import load_tokenizer
 from longact_lightning.rollout import build_engine
 from longact_lightning.rollout.base import Rollout, RolloutEngine, SamplingConfig
 from longact_lightning.rollout.batch import RolloutBatch
-from longact_lightning.saliency.projections import clean_name
+from longact_lightning.rollout.weight_sync import full_named_parameters
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,9 @@ class RolloutDataModule(LightningDataModule):
         reward: a metric name of ``longact_lightning.rl.rewards.METRICS``, an import path ``package.module:function``,
             or a callable ``(completion_text, record) -> float``; ``None`` = each task's official metric.
         sync_every_n_steps: push the policy's weights into the engine when at least this many optimizer steps
-            happened since the last push (1 = strictly on-policy). Sharded parameters are gathered first: FSDP2
-            DTensors with ``full_tensor()``, FSDP1 (``FSDPStrategy``) with ``summon_full_params`` (the whole model
-            once per sync on every rank, so budget that memory).
+            happened since the last push (1 = strictly on-policy). Sharded parameters are streamed into the engine
+            a piece at a time (FSDP2: one parameter, FSDP1: one FSDP unit; see ``rollout.weight_sync``), so a sync
+            never holds a second full copy of the model.
     """
 
     def __init__(
@@ -129,6 +130,12 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"overlong_penalty={overlong_penalty} must be >= 0 (it is subtracted from the reward).")
         if sync_every_n_steps < 1:
             raise ValueError(f"sync_every_n_steps={sync_every_n_steps} must be >= 1 (1 = sync after every step).")
+        if (engine_options or {}).get("sleep_level") == 2 and sync_every_n_steps > 1:
+            raise ValueError(
+                f"engine_options.sleep_level=2 discards the engine's weights after each generation, so they must be "
+                f"pushed before every one; sync_every_n_steps={sync_every_n_steps} would serve discarded weights. Use "
+                "sleep_level 1 or sync_every_n_steps=1."
+            )
         self.source = source
         self.model = model
         self.engine_kind = engine
@@ -153,6 +160,7 @@ class RolloutDataModule(LightningDataModule):
         self._policy: torch.nn.Module | None = None
         self._step_fn: Callable[[], int] | None = None
         self._synced_step: int | None = None
+        self._sync_seconds = 0.0  # time spent in syncs since the last batch, reported with that batch
         # stream position: (pass, index after the last record this rank pulled in that pass); checkpointed
         self._epoch = 0
         self._consumed = 0
@@ -176,6 +184,12 @@ class RolloutDataModule(LightningDataModule):
             options = dict(self.engine_options)
             if self.engine_kind == "vllm":
                 options.setdefault("seed", self.sampling.seed or 0)
+                if self.trainer is not None and self.trainer.world_size > 1:
+                    strategy = self.trainer.strategy
+                    # one engine per rank, on the rank's own device, inside the trainer's process group
+                    options.setdefault("rank", int(strategy.global_rank))
+                    options.setdefault("local_rank", int(strategy.local_rank))
+                    options.setdefault("world_size", int(strategy.world_size))
             elif self.trainer is not None:
                 options.setdefault("device", str(self.trainer.strategy.root_device))  # this rank's device
             self._engine = build_engine(self.engine_kind, self.model, **options)
@@ -188,7 +202,8 @@ class RolloutDataModule(LightningDataModule):
     def connect(self, policy: torch.nn.Module, step_fn: Callable[[], int]) -> None:
         """Register the policy whose weights the engine serves and a function returning the optimizer step count.
 
-        Called by the RL module in ``on_fit_start``. Without it the engine keeps serving its initial weights.
+        Called by the RL module in ``on_fit_start``; the module then calls :meth:`sync_weights` before every step.
+        Without it the engine keeps serving its initial weights.
         """
         self._policy = policy
         self._step_fn = step_fn
@@ -283,21 +298,15 @@ class RolloutDataModule(LightningDataModule):
             kept: list[_ScoredGroup] = []
             dropped = rounds = 0
             exhausted = False
-            timings = {"sync_s": 0.0, "generate_s": 0.0}
+            timings = {"sync_s": self._sync_seconds, "generate_s": 0.0}
+            self._sync_seconds = 0.0
             rounds_allowed = self.max_generation_rounds if self.dynamic_sampling else 1
-            # Every rank syncs here, even one without prompts left: gathering sharded weights is a collective.
-            start = time.perf_counter()
-            self._sync_weights()
-            timings["sync_s"] += time.perf_counter() - start
             while len(kept) < self.prompts_per_step and rounds < rounds_allowed:
                 chunk = list(islice(prompts, self.prompts_per_step - len(kept)))
                 if not chunk:
                     exhausted = True
                     break
                 rounds += 1
-                start = time.perf_counter()
-                self._sync_weights()  # a no-op unless the step advanced since the batch started (never under DDP)
-                timings["sync_s"] += time.perf_counter() - start
                 start = time.perf_counter()
                 groups = self.engine.generate([ids for _, ids in chunk], self.sampling)
                 timings["generate_s"] += time.perf_counter() - start
@@ -370,25 +379,24 @@ class RolloutDataModule(LightningDataModule):
         self._epoch += 1
         self._consumed = 0
 
-    def _sync_weights(self) -> None:
-        """Push the policy's weights into the engine if enough optimizer steps happened since the last push."""
+    def sync_weights(self) -> None:
+        """Push the policy's weights into the engine if ``sync_every_n_steps`` optimizer steps passed since the last
+        push (the first call always pushes: the engine started from ``model``, not from the policy).
+
+        Call it before the step's rollouts are pulled and outside the FSDP root's forward: gathering sharded weights
+        is a collective that FSDP1 refuses inside a forward, and Lightning runs ``training_step`` inside one. The RL
+        module calls it in ``on_train_batch_start``; every rank must call it, even one with no prompts left.
+        """
         if self._policy is None or self._step_fn is None:
             return
         step = int(self._step_fn())
         if self._synced_step is not None and step - self._synced_step < self.sync_every_n_steps:
             return
-        strategy = getattr(self.trainer, "strategy", None)
-        fsdp1_root = _fsdp1_root(strategy)
-        if fsdp1_root is not None:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            # FSDP1 (use_orig_params): outside forward/backward the parameters are views of this rank's flat shard.
-            with FullyShardedDataParallel.summon_full_params(fsdp1_root, writeback=False, rank0_only=False):
-                self.engine.load_weights(_full_named_parameters(self._policy))
-        else:
-            self.engine.load_weights(_full_named_parameters(self._policy))
+        start = time.perf_counter()
+        self.engine.load_weights(full_named_parameters(self._policy))
         self._synced_step = step
         self.totals["weight_syncs"] += 1
+        self._sync_seconds += time.perf_counter() - start
 
     def _score(self, record: PromptRecord, group: list[Rollout]) -> _ScoredGroup:
         reward_fn = self._reward_for(record.task)
@@ -451,29 +459,6 @@ class _RolloutStream(IterableDataset):
 
 def _identity(batch: RolloutBatch) -> RolloutBatch:
     return batch
-
-
-def _full_named_parameters(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The policy's parameters under their HF names as full tensors: FSDP2 DTensors gathered with ``full_tensor()``
-    (a collective: every rank iterates all of them), wrapper segments (FSDP1, activation checkpointing, compile)
-    removed from the names."""
-    for name, param in policy.named_parameters():
-        data = param.detach()
-        if hasattr(data, "full_tensor"):
-            data = data.full_tensor()
-        yield clean_name(name), data
-
-
-def _fsdp1_root(strategy: Any) -> torch.nn.Module | None:
-    """The outermost FSDP1 unit when the strategy is Lightning's ``FSDPStrategy``, else ``None``."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if not isinstance(strategy, FSDPStrategy):
-        return None
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    model = strategy.model
-    return model if isinstance(model, FullyShardedDataParallel) else None
 
 
 def _resolve_reward(reward: str | RewardFn | None) -> RewardFn | None:

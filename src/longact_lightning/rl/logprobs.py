@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longact_lightning.saliency.real_tokens import declare_real_tokens
+from longact_lightning.sharding import unshard_when_cache_gets_gradient
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -97,10 +98,12 @@ def grouped_completion_logprobs(
 
     All groups of the batch go through the model together: one prompt pass over the ``[groups, prompt]`` batch and one
     completion pass over the ``[groups, packed]`` batch, so the weights' gradients, the ``lm_head`` product and the
-    ``[vocab, hidden]`` embedding gradient are formed once per call rather than once per group. Packing also drops
-    padding within a group: only real tokens are packed, the cache is never copied per row, the packed row starts with
-    the prompt's last token (whose logit predicts the first completion token) and leaves out each completion's last
-    token (whose prediction nobody scores). What padding remains is between groups (rows are as long as the longest).
+    ``[vocab, hidden]`` embedding gradient are formed once per pass rather than once per group. Both passes go through
+    the model's own ``forward`` (token ids in, no embedding looked up outside it), which is what FSDP2's hooks on the
+    root module need to gather the embedding. Packing also drops padding within a group: only real tokens are packed,
+    the cache is never copied per row, the packed row starts with the prompt's last token (whose logit predicts the
+    first completion token) and leaves out each completion's last token (whose prediction nobody scores). What padding
+    remains is between groups (rows are as long as the longest).
 
     Needs the KV cache (so not under HF gradient checkpointing, which drops it) and an attention implementation that
     takes a 4D mask (``sdpa``, ``eager``); with any other the plain computation runs instead.
@@ -130,19 +133,19 @@ def grouped_completion_logprobs(
 
     cache = DynamicCache(config=model.config)
     shared = packed.prompts.shape[1]
-    embeds = model.get_input_embeddings()(torch.cat([packed.prompts, packed.inputs], dim=1))  # [g, S + T, H]
     # Neither pass has a 2D attention mask, so both declare their real tokens (saliency statistics count only those).
     if shared > 0:  # right padding needs no mask here: causal attention never lets a real token see a later one
         with declare_real_tokens(packed.real_prompt):
-            model(inputs_embeds=embeds[:, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=packed.prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        unshard_when_cache_gets_gradient(model, cache)  # FSDP2: the backward reaches the prompt pass via the cache
     visible = packed.visible()  # [g, T, S + T]
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores; SDPA takes it as booleans,
-        mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device)  # 4x smaller at long context
-        visible = mask.masked_fill_(~visible, torch.finfo(embeds.dtype).min)
+        mask = torch.zeros(visible.shape, dtype=model.dtype, device=visible.device)  # 4x smaller at long context
+        visible = mask.masked_fill_(~visible, torch.finfo(model.dtype).min)
     real = packed.real  # [g, T]
     with declare_real_tokens(real):
         output = model(
-            inputs_embeds=embeds[:, shared:],
+            input_ids=packed.inputs,
             attention_mask=visible[:, None],
             position_ids=packed.shared[:, None] + packed.offset,
             past_key_values=cache,

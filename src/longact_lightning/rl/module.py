@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ParallelStrategy
 from typing_extensions import override
 
 from longact_lightning.models import load_causal_lm, load_tokenizer
@@ -26,6 +26,16 @@ from longact_lightning.rl.logprobs import completion_logprobs, grouped_completio
 from longact_lightning.rl.losses import Aggregation, KLEstimator, LossConfig, LossType, policy_loss, step_denominator
 from longact_lightning.rl.precision import autocast_weights_once
 from longact_lightning.rollout.batch import RolloutBatch
+from longact_lightning.rollout.weight_sync import full_named_parameters
+from longact_lightning.saliency.real_tokens import padding_only
+from longact_lightning.sharding import (
+    clip_grad_norm,
+    data_parallel_mesh,
+    fsdp1_root,
+    fsdp1_wrap,
+    fully_shard_decoder_layers,
+    is_fully_sharded,
+)
 
 
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu", "mps")
@@ -40,9 +50,13 @@ class RLPolicyModule(pl.LightningModule):
     normaliser counts the whole step (all micro-batches, all ranks), so micro-batching and data parallelism do not
     change the loss (DAPO's token-level mean in particular).
 
-    The policy is built in ``__init__`` (``from_pretrained`` materialises the full model on every rank anyway), so
-    DDP and Lightning's ``FSDPStrategy`` wrap it as usual; FSDP2 would need a ``configure_model`` applying
-    ``fully_shard``, which this module does not have yet.
+    Every data-parallel strategy runs the same code: DDP replicates the policy; Lightning's ``FSDPStrategy`` (FSDP1,
+    ``use_orig_params=True``) wraps it with the strategy's ``auto_wrap_policy``; ``ModelParallelStrategy`` (FSDP2)
+    shards it in :meth:`configure_model`, one ``fully_shard`` unit per decoder layer plus the root. Under FSDP every
+    forward and backward pass is a collective, so each rank runs the same number of passes per step (padding passes
+    of zero weight where a rank has fewer micro-batches), gradient clipping uses the global norm of the sharded
+    gradients, and the weight sync and export gather the full weights on every rank a piece at a time. The policy is
+    loaded in ``__init__`` on every rank (each rank briefly holds a full copy before sharding).
 
     Args:
         model: HF model directory, hub id, or ``"smollm2-135m-instruct"`` (the embedded model).
@@ -79,6 +93,8 @@ class RLPolicyModule(pl.LightningModule):
             together (one prompt pass, one packed completion pass), so whole groups per micro-batch are fastest;
             more groups per micro-batch trade activation memory for fewer, larger passes.
         max_grad_norm: clip the global gradient norm to this in ``on_before_optimizer_step``; ``None`` = no clipping.
+        hybrid_shard_replicas: FSDP2 only: shard within groups of ``world_size / R`` ranks and replicate across ``R``
+            groups (HSDP; ``R`` = the number of nodes keeps the all-gathers inside a node). 1 = shard over all ranks.
         gradient_checkpointing: recompute activations in the backward pass (HF gradient checkpointing). It drops the
             KV cache, so it turns ``share_prompt`` off.
         share_prompt: encode each group's prompt once and reuse its KV cache for the G completions (same values and
@@ -120,6 +136,7 @@ class RLPolicyModule(pl.LightningModule):
         ppo_epochs: int = 1,
         micro_batch_size: int = 4,
         max_grad_norm: float | None = 1.0,
+        hybrid_shard_replicas: int = 1,
         gradient_checkpointing: bool = False,
         share_prompt: bool = True,
         pad_to_multiple_of: int = 16,
@@ -150,6 +167,8 @@ class RLPolicyModule(pl.LightningModule):
             advantage_std, advantage_eps, temperature, lr, weight_decay, betas, ppo_epochs, micro_batch_size,
             pad_to_multiple_of, max_grad_norm, export_dir, export_every_n_steps,
         )  # fmt: skip
+        if hybrid_shard_replicas < 1:
+            raise ValueError(f"hybrid_shard_replicas={hybrid_shard_replicas} must be >= 1 (1 = shard over all ranks).")
         self.advantage_std: StdScaling = advantage_std or ("none" if loss_type == "dr_grpo" else "group")
 
         self.tokenizer = load_tokenizer(tokenizer or model)
@@ -167,6 +186,21 @@ class RLPolicyModule(pl.LightningModule):
         # checkpoints, the optimizer, DDP/FSDP wrapping and the callbacks' search for the trainable HF model.
         object.__setattr__(self, "reference", reference)
         self._batch_size = 1
+
+    @override
+    def configure_model(self) -> None:
+        """Shard the policy (and the reference) with FSDP2 under ``ModelParallelStrategy``; under Lightning's
+        ``FSDPStrategy`` wrap the policy as the FSDP1 root, with buffers (RoPE ``inv_freq``) and gradient reduction in
+        fp32 (see ``longact_lightning.sharding``). Nothing otherwise."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy) and fsdp1_root(self.policy) is None:
+            self.policy = fsdp1_wrap(self.policy, strategy)
+        if self.device_mesh is None or is_fully_sharded(self.policy):
+            return
+        mesh = data_parallel_mesh(strategy.root_device.type, strategy.world_size, self.hparams.hybrid_shard_replicas)
+        for model in (self.policy, self.reference):
+            if model is not None:
+                fully_shard_decoder_layers(model, mesh)
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -188,6 +222,14 @@ class RLPolicyModule(pl.LightningModule):
             datamodule.connect(self.policy, lambda: self.trainer.global_step)
 
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Here, not in training_step: Lightning runs training_step inside the FSDP root's forward, where the sharded
+        # weights cannot be gathered for the engine.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if callable(getattr(datamodule, "sync_weights", None)):
+            datamodule.sync_weights()
+
+    @override
     def training_step(self, dataloader_iter: Iterator[tuple[RolloutBatch, int, int]]) -> None:
         start = time.perf_counter()
         batch, _, _ = next(dataloader_iter)  # pulled here, after the previous update: the rollouts are on-policy
@@ -198,7 +240,7 @@ class RLPolicyModule(pl.LightningModule):
         advantages = group_advantages(
             batch.rewards, batch.group_ids, self.advantage_std, hp.advantage_eps, hp.leave_one_out
         )  # [B]
-        chunks = [slice(i, i + hp.micro_batch_size) for i in range(0, len(batch), hp.micro_batch_size)]
+        chunks = self._micro_batches(len(batch))  # (rows, zero-weight padding pass?)
         aggregation = self.loss_config.resolved_aggregation
         local = step_denominator(mask, aggregation, self.loss_config.max_completion_length).to(self.device)
         denominator = float(self.trainer.strategy.reduce(local, reduce_op="sum").clamp(min=1))
@@ -216,9 +258,13 @@ class RLPolicyModule(pl.LightningModule):
         for _ in range(hp.ppo_epochs):
             optimizer.zero_grad()
             with autocast_weights_once(self.device.type):  # one weight cast per optimizer step
-                for k, chunk in enumerate(chunks):
+                for k, (chunk, padding) in enumerate(chunks):
                     micro = batch.select(chunk)
                     with self._no_sync_unless(k == len(chunks) - 1):
+                        if padding:  # keeps this rank's collectives in step with the others'
+                            with padding_only():
+                                self.manual_backward(self._logprobs(self.policy, micro)[0].sum() * 0.0)
+                            continue
                         logprobs, entropy = self._logprobs(self.policy, micro)  # [b, C], [b, C]
                         loss, metrics = policy_loss(
                             logprobs,
@@ -249,10 +295,7 @@ class RLPolicyModule(pl.LightningModule):
         # the norm is that of the gradient that is actually applied. Manual optimisation gets no automatic clipping.
         if self.hparams.max_grad_norm is None:
             return
-        # torch's clip_grad_norm_ is global under DDP (full grads) and FSDP2 (DTensor grads); FSDP1 flat shards would
-        # need FullyShardedDataParallel.clip_grad_norm_ instead.
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
+        grad_norm = clip_grad_norm(self.policy, self.hparams.max_grad_norm)
         self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
 
     @override
@@ -269,10 +312,17 @@ class RLPolicyModule(pl.LightningModule):
             self.export(Path(self.hparams.export_dir))
 
     def export(self, directory: Path) -> None:
-        """Write the policy and tokenizer in HF format (transformers and vLLM load it); rank zero writes."""
-        if self.trainer.is_global_zero:
+        """Write the policy and tokenizer in HF format (transformers and vLLM load it).
+
+        Every rank takes part in gathering sharded weights (a collective); rank zero keeps them and writes."""
+        zero = self.trainer.is_global_zero
+        state = {}
+        for name, tensor in full_named_parameters(self.policy):
+            if zero:
+                state[name] = tensor.cpu()
+        if zero:
             directory.mkdir(parents=True, exist_ok=True)
-            self.policy.save_pretrained(directory)
+            self.policy.save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)
         self.trainer.strategy.barrier("rl_export")
 
@@ -281,9 +331,26 @@ class RLPolicyModule(pl.LightningModule):
         if every is not None and self.global_step % every == 0:
             self.export(Path(self.hparams.export_dir) / f"step_{self.global_step:06d}")
 
-    def _score(self, model: torch.nn.Module, batch: RolloutBatch, chunks: list[slice]) -> torch.Tensor:
-        """Log-probs of the whole batch under ``model``, micro-batch by micro-batch.  # [B, C]"""
-        return torch.cat([self._logprobs(model, batch.select(chunk), with_entropy=False)[0] for chunk in chunks])
+    def _micro_batches(self, size: int) -> list[tuple[slice, bool]]:
+        """This rank's micro-batches of a ``size``-sequence batch as ``(rows, False)``, then ``(last rows, True)``
+        zero-weight padding passes until it has as many as the rank with the most micro-batches."""
+        step = self.hparams.micro_batch_size
+        chunks = [(slice(i, min(i + step, size)), False) for i in range(0, size, step)]
+        if self.trainer.world_size == 1:
+            return chunks
+        most = int(self.trainer.strategy.reduce(torch.tensor(len(chunks), device=self.device), reduce_op="max"))
+        return chunks + [(chunks[-1][0], True)] * (most - len(chunks))
+
+    def _score(self, model: torch.nn.Module, batch: RolloutBatch, chunks: list[tuple[slice, bool]]) -> torch.Tensor:
+        """Log-probs of the whole batch under ``model``, micro-batch by micro-batch (padding passes run and are
+        dropped).  # [B, C]"""
+        scores = []
+        for chunk, padding in chunks:
+            with padding_only() if padding else nullcontext():
+                logprobs = self._logprobs(model, batch.select(chunk), with_entropy=False)[0]
+            if not padding:
+                scores.append(logprobs)
+        return torch.cat(scores)
 
     def _logprobs(
         self, model: torch.nn.Module, batch: RolloutBatch, with_entropy: bool = True

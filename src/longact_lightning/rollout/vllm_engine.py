@@ -4,6 +4,13 @@ The engine runs inside the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`
 worker the policy's own tensors by reference, one at a time, instead of serialising a state-dict copy to another
 process.
 
+Under data parallelism every rank builds its own engine, as TRL's colocate mode does: vLLM's ``external_launcher``
+executor makes the engine one rank of the trainer's existing ``torch.distributed`` world (it reads ``RANK``,
+``LOCAL_RANK`` and ``WORLD_SIZE``), so it runs on the rank's own device and builds its groups inside the trainer's
+world instead of starting a world of its own. With ``tensor_parallel_size=k`` each block of ``k`` consecutive ranks
+serves one engine sharded over their devices: the block's prompts are gathered, generated together, and every rank
+takes its own completions back. Without a distributed run (one process) the engine is vLLM's plain single-process one.
+
 Weight sync uses ``LLM.collective_rpc`` to call the worker's in-place ``model_runner.reload_weights`` with
 ``(hf_name, tensor)`` pairs. vLLM 0.32 also ships a public weight-transfer API (``init_weight_transfer_engine`` /
 ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``), but every built-in backend (``nccl``,
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -52,8 +60,16 @@ class VLLMEngine:
             from ``gpu_memory_utilization``; on CPUs from ``VLLM_CPU_KVCACHE_SPACE``, else a share of RAM). The cache
             is allocated up front and lives as long as the trainer, so a colocated run sizes it to the rollout batch:
             ``prompts x (prompt + G x max_new_tokens)`` tokens fit when prefix caching shares each prompt.
+        sleep_level: with ``enable_sleep_mode``: 1 offloads the weights to CPU memory and drops the KV cache; 2 drops
+            both (less host memory; the next weight sync restores the weights, so use it with
+            ``sync_every_n_steps=1``).
         enforce_eager: skip graph capture / compilation (faster start, slower decoding).
         logprobs_mode: ``"processed"`` or ``"raw"``, see above.
+        tensor_parallel_size: ranks per engine (``k``): each block of ``k`` consecutive ranks shares one engine,
+            for models whose weights and KV cache do not fit one device twice. Must divide ``world_size``.
+        rank: this process's global rank (set by the DataModule from the trainer's strategy).
+        local_rank: its rank on the node, hence its device.
+        world_size: the number of ranks; > 1 makes the engine a member of the trainer's process group.
         engine_kwargs: further ``vllm.LLM`` keyword arguments, passed through.
 
     Raises:
@@ -69,15 +85,23 @@ class VLLMEngine:
         seed: int = 0,
         gpu_memory_utilization: float = 0.3,
         enable_sleep_mode: bool = False,
+        sleep_level: int = 1,
         kv_cache_gib: float | None = None,
         enforce_eager: bool = True,
         logprobs_mode: LogprobsMode = "processed",
+        tensor_parallel_size: int = 1,
+        rank: int = 0,
+        local_rank: int = 0,
+        world_size: int = 1,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if logprobs_mode not in ("processed", "raw"):
             raise ValueError(f"logprobs_mode={logprobs_mode!r} is not supported; use 'processed' or 'raw'.")
         if kv_cache_gib is not None and not kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib={kv_cache_gib} must be > 0, or None to let vLLM size the KV cache.")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level={sleep_level} is not a vLLM sleep level; use 1 or 2.")
+        placement = RankPlacement(rank, local_rank, world_size, tensor_parallel_size)
         # Weights are handed to the worker by reference; a separate engine process would need them pickled.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
@@ -99,6 +123,9 @@ class VLLMEngine:
 
         sleep_kwargs = {"enable_sleep_mode": True} if enable_sleep_mode else {}
         cache_kwargs = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None else {}
+        self._group = _tensor_parallel_group(placement)
+        seed = _group_seed(seed, self._group)
+        os.environ.update(placement.environment())
         self.llm = LLM(
             model=resolve_model(model),
             dtype=dtype,
@@ -107,14 +134,17 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
             logprobs_mode=f"{logprobs_mode}_logprobs",
+            **placement.engine_kwargs(),
             **sleep_kwargs,
             **cache_kwargs,
             **(engine_kwargs or {}),
         )
+        self.placement = placement
         self._sampling_params_cls = SamplingParams
         self._tokens_prompt_cls = TokensPrompt
         self._dtype: torch.dtype = self.llm.llm_engine.model_config.dtype
         self._sleep_mode = enable_sleep_mode
+        self._sleep_level = sleep_level
         self._sleeping: set[str] = set()
         self._calls = 0
         from vllm.platforms import current_platform
@@ -125,18 +155,28 @@ class VLLMEngine:
         self._per_request_seeds = not current_platform.is_cpu()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
-        """Sample ``sampling.n`` completions per prompt; per-request seeds make a seeded run reproducible."""
+        """Sample ``sampling.n`` completions per prompt; per-request seeds make a seeded run reproducible.
+
+        With ``tensor_parallel_size > 1`` every rank of the block must call this together (each with its own
+        prompts and sampling, possibly none): the engine serves the block's requests in one call.
+        """
         self._wake("weights", "kv_cache")
-        params = [self._sampling_params(sampling, index) for index in range(len(prompts))]
         self._calls += 1
-        requests = [self._tokens_prompt_cls(prompt_token_ids=list(ids)) for ids in prompts]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        shares = _gather_in_group([(list(map(list, prompts)), sampling)], self._group)
+        requests, params, owner = [], [], []
+        for member, (member_prompts, member_sampling) in enumerate(shares):
+            for index, ids in enumerate(member_prompts):
+                requests.append(self._tokens_prompt_cls(prompt_token_ids=list(ids)))
+                params.append(self._sampling_params(member_sampling, index))
+                owner.append(member)
+        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
         if self._sleep_mode:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self._sleep_level)
             self._sleeping = {"weights", "kv_cache"}
+        mine = [output for output, member in zip(outputs, owner, strict=True) if member == _group_rank(self._group)]
         return [
             [_rollout(tuple(prompt), completion) for completion in sorted(output.outputs, key=lambda c: c.index)]
-            for prompt, output in zip(prompts, outputs, strict=True)
+            for prompt, output in zip(prompts, mine, strict=True)
         ]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -152,6 +192,11 @@ class VLLMEngine:
         weights = ((name, tensor.detach().to(dtype)) for name, tensor in named_tensors)
         self.llm.collective_rpc(_reload_weights_in_worker, args=(weights,))
         self.llm.reset_prefix_cache()
+
+    def worker_ranks(self) -> list[tuple[int, int]]:
+        """``(rank, local_rank)`` of each of this engine's workers as vLLM sees them: under data parallelism, the
+        trainer's own rank and device index."""
+        return [tuple(r) for r in self.llm.collective_rpc(_worker_rank)]
 
     def _sampling_params(self, sampling: SamplingConfig, index: int) -> Any:
         seed = None
@@ -171,6 +216,94 @@ class VLLMEngine:
         if todo:
             self.llm.wake_up(tags=todo)
             self._sleeping.difference_update(todo)
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    """Where one rank's engine runs: its global and local rank, the world size and the tensor-parallel block size.
+
+    ``environment()`` and ``engine_kwargs()`` are what the engine sets and passes to ``vllm.LLM`` for this rank
+    (pure, so a test can check what 8 GPU ranks would do without GPUs).
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size or self.local_rank < 0:
+            raise ValueError(
+                f"rank={self.rank}, local_rank={self.local_rank}, world_size={self.world_size} is not a rank of a "
+                "world; leave them unset (the DataModule takes them from the trainer's strategy)."
+            )
+        if self.tensor_parallel_size < 1 or self.world_size % self.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1 and divide the world size "
+                f"{self.world_size}; use a divisor of the number of ranks (1 = one engine per rank)."
+            )
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def environment(self) -> dict[str, str]:
+        """What vLLM's ``external_launcher`` reads (Lightning sets ``LOCAL_RANK`` and ``WORLD_SIZE`` but not
+        ``RANK``); nothing for a single process."""
+        if not self.distributed:
+            return {}
+        return {"RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size)}
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        if not self.distributed:
+            return {"tensor_parallel_size": self.tensor_parallel_size}
+        return {"tensor_parallel_size": self.tensor_parallel_size, "distributed_executor_backend": "external_launcher"}
+
+
+def _tensor_parallel_group(placement: RankPlacement) -> Any:
+    """This rank's block of ``tensor_parallel_size`` consecutive ranks as a process group (``None`` for a block of
+    one). Every rank must call it: creating groups is collective."""
+    if placement.tensor_parallel_size == 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError(
+            f"tensor_parallel_size={placement.tensor_parallel_size} needs the trainer's process group; run under a "
+            "data-parallel strategy with world_size a multiple of it, or use tensor_parallel_size=1."
+        )
+    size = placement.tensor_parallel_size
+    blocks = [list(range(start, start + size)) for start in range(0, placement.world_size, size)]
+    group, _ = dist.new_subgroups_by_enumeration(blocks)
+    return group
+
+
+def _gather_in_group(item: list[Any], group: Any) -> list[Any]:
+    """Every member's ``item[0]``, in rank order (``item`` itself without a group)."""
+    if group is None:
+        return item
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, item[0], group=group)
+    return gathered
+
+
+def _group_rank(group: Any) -> int:
+    if group is None:
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank(group)
+
+
+def _group_seed(seed: int, group: Any) -> int:
+    """The block's first rank's seed: the ranks of one tensor-parallel engine must sample identically."""
+    return int(_gather_in_group([seed], group)[0])
+
+
+def _worker_rank(worker: Any) -> tuple[int, int]:
+    return int(worker.rank), int(worker.local_rank)
 
 
 def _reload_weights_in_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

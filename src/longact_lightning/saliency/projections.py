@@ -24,14 +24,12 @@ import torch
 from torch import nn
 
 # Wrappers that insert themselves into module names (FSDP1, activation checkpointing, torch.compile).
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
 
 def clean_name(name: str) -> str:
     """A parameter or module name with wrapper segments removed, so names are stable across strategies."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    return ".".join(segment for segment in name.split(".") if segment not in _WRAPPER_SEGMENTS)
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,7 +4,8 @@ Saliency statistics must count real tokens only. A forward's 2D ``attention_mask
 :class:`~longact_lightning.callbacks.ActivationSaliency` reads it. Some forwards have padding that mask cannot
 describe: packed rows behind a 4D block mask, or right-padded rows run causally with no mask at all (causal attention
 keeps real tokens from seeing later padding, so none is needed). Code that builds such inputs declares their real
-tokens here, around the forward pass.
+tokens here, around the forward pass. A forward that carries no real token at all (the zero-weight micro-batch that
+keeps a rank's collectives in step with the others' under FSDP) runs inside :func:`padding_only`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextvars import ContextVar
 import torch
 
 _DECLARED: ContextVar[torch.Tensor | None] = ContextVar("real_tokens", default=None)
+_PADDING_ONLY: ContextVar[bool] = ContextVar("padding_only", default=False)
 
 
 @contextmanager
@@ -31,3 +33,18 @@ def declare_real_tokens(mask: torch.Tensor) -> Iterator[None]:
 def declared_real_tokens() -> torch.Tensor | None:
     """The innermost declared mask, or ``None`` outside any :func:`declare_real_tokens` block."""
     return _DECLARED.get()
+
+
+@contextmanager
+def padding_only() -> Iterator[None]:
+    """Inside the block, no forward carries a real token, whatever inner :func:`declare_real_tokens` blocks say."""
+    token = _PADDING_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _PADDING_ONLY.reset(token)
+
+
+def is_padding_only() -> bool:
+    """Whether the current forward runs inside :func:`padding_only`."""
+    return _PADDING_ONLY.get()

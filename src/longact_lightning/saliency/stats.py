@@ -59,13 +59,19 @@ class ChannelStats:
             result = self.max_abs
         return result.to(torch.float32)
 
-    def all_reduce(self) -> None:
-        """Combine the statistics of all ranks in place (no-op outside torch.distributed)."""
+    def all_reduce(self, device: torch.device | None = None) -> None:
+        """Combine the statistics of all ranks in place (no-op outside torch.distributed).
+
+        Args:
+            device: where the collective runs: the strategy's root device (a rank's own GPU under NCCL; the CPU
+                under gloo). ``None`` = where the statistics are.
+        """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        self._move_to(_collective_device())
+        if device is not None:
+            self._move_to(device)
         sums = torch.cat([self.sum_abs, self.sum_sq, self.count.reshape(1)])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         dist.all_reduce(self.max_abs, op=dist.ReduceOp.MAX)
@@ -79,16 +85,7 @@ class ChannelStats:
         for name in ("sum_abs", "sum_sq", "max_abs", "count"):
             setattr(self, name, state[name].to(torch.float64).clone())
 
-
     def _move_to(self, device: torch.device) -> None:
         if self.sum_abs.device != device:
             for name in ("sum_abs", "sum_sq", "max_abs", "count"):
                 setattr(self, name, getattr(self, name).to(device))
-
-
-def _collective_device() -> torch.device:
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
