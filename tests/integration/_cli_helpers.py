@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ from longact_lightning.data.records import PromptRecord
 from longact_lightning.saliency.projections import clean_name
 
 OUT_ENV = "LONGACT_TEST_OUT"
-GIVE_UP_RANK_ENV = "LONGACT_TEST_GIVE_UP_RANK"
+FLAT_RANK_ENV = "LONGACT_TEST_FLAT_RANK"
+FLAT_EVERY_ENV = "LONGACT_TEST_FLAT_EVERY"
 SLEEP_ENV = "LONGACT_TEST_STEP_SLEEP"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -207,18 +207,25 @@ def _rank() -> int:
     return 0
 
 
+_CALLS = [0]
+
+
 def logged_reward(completion: str, record: PromptRecord) -> float:
-    """A reward with signal on any model (parity of the completion's CRC32) that logs which record it scored and on
-    which rank, to ``$LONGACT_TEST_OUT/prompts_rank{r}.jsonl``. On rank ``$LONGACT_TEST_GIVE_UP_RANK`` it is
-    constant, so that rank's dynamic sampling finds no group with signal."""
-    if os.environ.get(GIVE_UP_RANK_ENV) == str(_rank()):
-        return 0.0
+    """A reward with signal on any model — 0, 1, 0, 1, ... over its calls, so every group of an even size has
+    variance — that logs which record it scored and on which rank, to ``$LONGACT_TEST_OUT/prompts_rank{r}.jsonl``. On rank ``$LONGACT_TEST_FLAT_RANK`` it is constant
+    for every ``$LONGACT_TEST_FLAT_EVERY``-th of the rank's records (default: all of them), so dynamic sampling drops
+    those groups there."""
     out = os.environ.get(OUT_ENV)
     if out:
         line = {"rank": _rank(), "index": record.metadata.get("index"), "pid": os.getpid()}
         with open(Path(out) / f"prompts_rank{_rank()}.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
-    return float(zlib.crc32(completion.encode()) % 2)
+    if os.environ.get(FLAT_RANK_ENV) == str(_rank()):
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if (record.metadata["index"] // world) % int(os.environ.get(FLAT_EVERY_ENV, "1")) == 0:
+            return 0.0
+    _CALLS[0] += 1
+    return float(_CALLS[0] % 2)
 
 
 class RunRecorder(pl.Callback):
@@ -340,6 +347,7 @@ class RunRecorder(pl.Callback):
             "datamodule_rank": [datamodule._rank, datamodule._world],
             "datamodule_state": datamodule.state_dict(),
             "sampling_seed": datamodule.sampling.seed,
+            "saliency_tokens": sorted({float(stats.count) for stats in longact.stats.values()}),
             "masked_params": len(masks),
             "selected_rows": selected,
             "frozen_rows": frozen,

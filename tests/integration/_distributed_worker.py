@@ -100,23 +100,9 @@ def _strategy(name: str):
     if name == "ddp":
         return "ddp"
     if name == "fsdp1":
-        from lightning.pytorch.strategies import FSDPStrategy
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        # Lightning 2.6.6 does not run `FSDPStrategy` on CPU, twice over: the accelerator connector raises
-        # "The strategy `fsdp` requires a GPU accelerator" (it checks `type(strategy) is FSDPStrategy`), and
-        # `_setup_model` passes `device_id=root_device.index` (None on CPU), for which torch's FSDP1 raises
-        # "FSDP needs a non-CPU accelerator device". torch's FSDP1 itself runs on CPU/gloo when given
-        # `device_id=torch.device("cpu")`. This test-only subclass does exactly that, so the test exercises the FSDP1
-        # storage GPU users get (flat `use_orig_params` shards), which is what the row masks have to handle.
-        class CPUFSDPStrategy(FSDPStrategy):
-            def _setup_model(self, model):
-                from torch.distributed.fsdp import FullyShardedDataParallel
-
-                return FullyShardedDataParallel(
-                    module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                    sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
-                )
+        from tests.integration._cli_helpers import CPUFSDPStrategy
 
         return CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True, process_group_backend="gloo")
     if name == "fsdp2":

@@ -32,7 +32,8 @@ import pytest
 import torch
 
 from tests.integration._cli_helpers import (
-    GIVE_UP_RANK_ENV,
+    FLAT_EVERY_ENV,
+    FLAT_RANK_ENV,
     RunRecorder,
     make_tiny_model_dir,
     merge_batches,
@@ -96,8 +97,9 @@ def _verdicts(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-def _one_process_grad_norm(model_dir: Path, batches: list) -> float:
-    """The first step's gradient norm of one process training on all ranks' rollouts, same module and LongAct."""
+def _one_process_step(model_dir: Path, batches: list, micro_batch_size: int = 4) -> tuple[float, list[float]]:
+    """One process training one step on all ranks' rollouts (same module and LongAct): its gradient norm and the
+    token counts of its saliency statistics."""
     from lightning.pytorch import Trainer
 
     from longact_lightning.callbacks import LongAct
@@ -105,14 +107,16 @@ def _one_process_grad_norm(model_dir: Path, batches: list) -> float:
     from tests.integration._cli_helpers import ReplayBatches
 
     module = RLPolicyModule(
-        model=str(model_dir), loss_type="dapo", lr=1e-2, weight_decay=0.1, micro_batch_size=4, max_grad_norm=1.0
+        model=str(model_dir), loss_type="dapo", lr=1e-2, weight_decay=0.1, micro_batch_size=micro_batch_size,
+        max_grad_norm=1.0,
     )
+    longact = LongAct(top_ratio=0.3, mode="high")
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[LongAct(top_ratio=0.3, mode="high")],
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[longact],
     )  # fmt: skip
     trainer.fit(module, datamodule=ReplayBatches([merge_batches(batches)]))
-    return float(trainer.callback_metrics["train/grad_norm"])
+    return float(trainer.callback_metrics["train/grad_norm"]), sorted({float(s.count) for s in longact.stats.values()})
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp1"])
@@ -154,8 +158,9 @@ def test_two_ranks_with_one_vllm_engine_each(tmp_path, strategy):
 
     # the gradient norm of the first step is that of one process training on both ranks' rollouts
     batches = [torch.load(out / f"batch_rank{r}_step0.pt", weights_only=False) for r in range(WORLD)]
-    expected = _one_process_grad_norm(tmp_path / "tiny", batches)
+    expected, tokens = _one_process_step(tmp_path / "tiny", batches)
     assert verdicts[0]["grad_norms"][0] == pytest.approx(expected, rel=1e-5)
+    assert verdicts[0]["saliency_tokens"] == tokens  # the statistics were all-reduced over both ranks' tokens
     assert verdicts[1]["grad_norms"][0] == verdicts[0]["grad_norms"][0]
 
     _check_export(out / "hf_export", saved[0]["final"])
@@ -195,7 +200,27 @@ def test_a_rank_whose_dynamic_sampling_gives_up_stops_both(tmp_path):
     error that names rank 1 — not leave rank 0 waiting in the next step's collectives."""
     out = tmp_path / "out"
     config = _config(tmp_path, "fsdp2", out, **{"data.dynamic_sampling": True, "data.max_generation_rounds": 1})
-    proc, seconds = _run(config, out, tmp_path, env={GIVE_UP_RANK_ENV: "1"}, timeout=300)
+    proc, seconds = _run(config, out, tmp_path, env={FLAT_RANK_ENV: "1"}, timeout=300)
     assert proc.returncode != 0
     assert "Dynamic sampling dropped" in proc.stderr and "on rank 1" in proc.stderr, proc.stderr[-4000:]
     assert not (out / "rank0.json").exists()  # no rank finished training as if nothing happened
+
+
+def test_ranks_with_fewer_micro_batches_stay_in_step(tmp_path):
+    """Dynamic sampling leaves rank 1 one group per step where rank 0 has two; with one group per micro-batch rank 1
+    has one micro-batch where rank 0 has two. Under FSDP every pass is a collective, so rank 1 runs a zero-weight
+    padding pass: the run finishes, and the first step's gradient norm is still that of one process training on the
+    three groups (a padding pass that counted — in the loss, the gradient or the saliency statistics — changes it)."""
+    out = tmp_path / "out"
+    overrides = {"data.dynamic_sampling": True, "data.max_generation_rounds": 1, "model.micro_batch_size": 2}
+    config = _config(tmp_path, "fsdp2", out, **overrides)
+    # a missing padding pass leaves the ranks in mismatched collectives: a hang, cut short by the timeout
+    proc, seconds = _run(config, out, tmp_path, env={FLAT_RANK_ENV: "1", FLAT_EVERY_ENV: "2"}, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode} after {seconds:.0f}s\n{proc.stderr[-8000:]}"
+    verdicts = _verdicts(out)
+    assert all(v["ok"] and v["global_step"] == STEPS for v in verdicts), [v["failures"] for v in verdicts]
+    batches = [torch.load(out / f"batch_rank{r}_step0.pt", weights_only=False) for r in range(WORLD)]
+    assert [len(b) for b in batches] == [4, 2]  # groups of 2: two on rank 0, one on rank 1
+    expected, tokens = _one_process_step(tmp_path / "tiny", batches, micro_batch_size=2)
+    assert verdicts[0]["grad_norms"][0] == pytest.approx(expected, rel=1e-5)
+    assert verdicts[0]["saliency_tokens"] == tokens  # the padding pass's tokens were not counted
