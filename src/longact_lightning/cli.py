@@ -7,9 +7,9 @@ model path) are linked, not repeated.
 Two callbacks are top-level config sections rather than entries of ``trainer.callbacks``, because runs and ablations
 change them most: ``longact:`` (:class:`LongAct`; ``--longact.mode none`` is the uniform-update baseline, which still
 measures and logs saliency, so every arm runs the same code) and ``checkpoint:`` (:class:`ModelCheckpoint`, with
-``last.ckpt``, periodic checkpoints and a checkpoint on SIGTERM or any exception). A third, ``host_memory:``
-(:class:`HostMemoryReuse`), keeps freed CPU memory for reuse when training on the CPU; it is on unless
-``--host_memory.enabled false``.
+``last.ckpt``, periodic checkpoints of which the 3 newest are kept, and a checkpoint on SIGTERM or any exception). A
+third, ``host_memory:`` (:class:`HostMemoryReuse`), keeps freed CPU memory for reuse when training on the CPU; it is on
+unless ``--host_memory.enabled false``.
 """
 
 from __future__ import annotations
@@ -142,7 +142,10 @@ class LongActCLI(LightningCLI):
             {
                 "checkpoint.save_last": True,
                 "checkpoint.every_n_train_steps": 10,
-                "checkpoint.save_top_k": -1,
+                # keep the 3 newest periodic checkpoints (and last.ckpt): full checkpoints of a 4B model are ~50 GB
+                "checkpoint.save_top_k": 3,
+                "checkpoint.monitor": "step",
+                "checkpoint.mode": "max",
                 "checkpoint.save_on_exception": True,
             }
         )

@@ -102,14 +102,17 @@ def is_fully_sharded(model: nn.Module) -> bool:
 def fsdp1_wrap(model: nn.Module, strategy: Any) -> nn.Module:
     """``model`` as the root FSDP1 unit, configured like Lightning's ``FSDPStrategy`` would configure it (auto-wrap
     policy, sharding strategy, CPU offload, process groups), on the strategy's device, with buffers and gradient
-    reduction kept in fp32 unless ``FSDPStrategy(mixed_precision=...)`` says otherwise. Lightning then finds the
-    model wrapped and leaves it as it is."""
+    reduction kept in fp32 unless ``FSDPStrategy(mixed_precision=...)`` says otherwise, and one unit per decoder layer
+    unless the strategy names an ``auto_wrap_policy`` (so ``--trainer.strategy fsdp`` shards layer by layer too).
+    Lightning then finds the model wrapped and leaves it as it is."""
     from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     mixed_precision = strategy.mixed_precision_config
     if strategy.mixed_precision is None and mixed_precision is not None:
         mixed_precision = dataclasses.replace(mixed_precision, buffer_dtype=torch.float32, reduce_dtype=torch.float32)
     kwargs = dict(strategy.kwargs)
+    kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy({type(layer) for layer in _decoder_layers(model)}))
     strategy.kwargs.pop("auto_wrap_policy", None)  # applied here; Lightning would warn that it goes unused
     return FullyShardedDataParallel(
         model,

@@ -113,13 +113,10 @@ def test_print_config_parses_and_keeps_every_value(config, capsys):
 
 @pytest.mark.parametrize("config", GPU_CONFIGS, ids=_id)
 def test_gpu_config_values(config):
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
-
     c = _parse("--config", str(config))
     assert c.trainer.accelerator == "gpu" and c.trainer.devices == 8
     assert c.trainer.precision == "bf16-mixed"  # fp32 master weights: lr 1e-6 updates survive
-    assert c.trainer.strategy.class_path == "lightning.pytorch.strategies.FSDPStrategy"
-    assert c.trainer.strategy.init_args.auto_wrap_policy == {Qwen3DecoderLayer}
+    assert c.trainer.strategy.class_path == "lightning.pytorch.strategies.ModelParallelStrategy"  # FSDP2
     assert c.model.model.startswith("Qwen/Qwen3-4B")
     assert c.data.model == c.model.model  # linked
     assert c.model.dtype == "float32" and c.model.gradient_checkpointing is True
@@ -155,6 +152,17 @@ def test_strategy_switches_by_flag(strategy):
     c = _parse("--config", str(ROOT / "configs" / "qwen_dapo.yaml"), "--trainer.strategy", strategy,
                "--trainer.devices", "4")  # fmt: skip
     assert c.trainer.strategy == strategy and int(c.trainer.devices) == 4  # "4": devices also takes strings
+
+
+def test_hybrid_sharding_by_flag():
+    """The two ways the configs' headers name: FSDP1's HYBRID_SHARD, FSDP2's replicas of shard groups."""
+    c = _parse("--config", str(ROOT / "configs" / "qwen_dapo.yaml"), "--trainer.strategy", "FSDPStrategy",
+               "--trainer.strategy.sharding_strategy", "HYBRID_SHARD", "--trainer.num_nodes", "2")  # fmt: skip
+    assert c.trainer.strategy.class_path == "lightning.pytorch.strategies.FSDPStrategy"
+    assert c.trainer.strategy.init_args.sharding_strategy.name == "HYBRID_SHARD" and c.trainer.num_nodes == 2
+    c = _parse("--config", str(ROOT / "configs" / "qwen_dapo.yaml"), "--trainer.num_nodes", "2",
+               "--model.hybrid_shard_replicas", "2")  # fmt: skip
+    assert c.model.hybrid_shard_replicas == 2 and c.trainer.num_nodes == 2
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_id)
