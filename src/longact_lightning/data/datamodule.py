@@ -3,7 +3,7 @@
 Rollouts are generated lazily, inside ``next(dataloader)``: the RL module pulls its batch itself at the start of each
 training step (``training_step(dataloader_iter)``), after the previous optimizer step, and has pushed the policy's
 weights into the engine just before (:meth:`RolloutDataModule.sync_weights`, from ``on_train_batch_start``: outside
-the FSDP root's forward, where sharded weights can be gathered). So the rollouts used at step ``t`` come from the
+any forward pass, where sharded weights can be gathered). So the rollouts used at step ``t`` come from the
 weights after step ``t - 1``. That is why the DataLoader has no workers and no batching of its own: the engine lives
 in this process and each item already is a full training batch.
 
@@ -383,9 +383,10 @@ class RolloutDataModule(LightningDataModule):
         """Push the policy's weights into the engine if ``sync_every_n_steps`` optimizer steps passed since the last
         push (the first call always pushes: the engine started from ``model``, not from the policy).
 
-        Call it before the step's rollouts are pulled and outside the FSDP root's forward: gathering sharded weights
-        is a collective that FSDP1 refuses inside a forward, and Lightning runs ``training_step`` inside one. The RL
-        module calls it in ``on_train_batch_start``; every rank must call it, even one with no prompts left.
+        Call it before the step's rollouts are pulled, outside any forward pass: gathering sharded weights is a
+        collective that FSDP1 refuses inside a forward (and a LightningModule that FSDP wraps runs ``training_step``
+        inside one). The RL module calls it in ``on_train_batch_start``; every rank must call it, even one with no
+        prompts left.
         """
         if self._policy is None or self._step_fn is None:
             return

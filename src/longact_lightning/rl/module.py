@@ -50,9 +50,9 @@ class RLPolicyModule(pl.LightningModule):
     normaliser counts the whole step (all micro-batches, all ranks), so micro-batching and data parallelism do not
     change the loss (DAPO's token-level mean in particular).
 
-    Every data-parallel strategy runs the same code: DDP replicates the policy; Lightning's ``FSDPStrategy`` (FSDP1,
-    ``use_orig_params=True``) wraps it with the strategy's ``auto_wrap_policy``; ``ModelParallelStrategy`` (FSDP2)
-    shards it in :meth:`configure_model`, one ``fully_shard`` unit per decoder layer plus the root. Under FSDP every
+    Every data-parallel strategy runs the same code: DDP replicates the policy; under Lightning's ``FSDPStrategy``
+    (FSDP1) and ``ModelParallelStrategy`` (FSDP2), :meth:`configure_model` shards it, one unit per decoder layer plus
+    the root. Under FSDP every
     forward and backward pass is a collective, so each rank runs the same number of passes per step (padding passes
     of zero weight where a rank has fewer micro-batches), gradient clipping uses the global norm of the sharded
     gradients, and the weight sync and export gather the full weights on every rank a piece at a time. The policy is
@@ -223,8 +223,8 @@ class RLPolicyModule(pl.LightningModule):
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Here, not in training_step: Lightning runs training_step inside the FSDP root's forward, where the sharded
-        # weights cannot be gathered for the engine.
+        # Before the step's rollouts are pulled, and outside any forward: gathering sharded weights is a collective
+        # that FSDP1 refuses inside one (and a LightningModule wrapped by FSDP runs training_step inside one).
         datamodule = getattr(self.trainer, "datamodule", None)
         if callable(getattr(datamodule, "sync_weights", None)):
             datamodule.sync_weights()

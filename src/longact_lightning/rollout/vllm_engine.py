@@ -162,7 +162,7 @@ class VLLMEngine:
         """
         self._wake("weights", "kv_cache")
         self._calls += 1
-        shares = _gather_in_group([(list(map(list, prompts)), sampling)], self._group)
+        shares = _gather_in_group([(prompts, sampling)], self._group)
         requests, params, owner = [], [], []
         for member, (member_prompts, member_sampling) in enumerate(shares):
             for index, ids in enumerate(member_prompts):
@@ -173,7 +173,8 @@ class VLLMEngine:
         if self._sleep_mode:
             self.llm.sleep(level=self._sleep_level)
             self._sleeping = {"weights", "kv_cache"}
-        mine = [output for output, member in zip(outputs, owner, strict=True) if member == _group_rank(self._group)]
+        me = _group_rank(self._group)
+        mine = [output for output, member in zip(outputs, owner, strict=True) if member == me]
         return [
             [_rollout(tuple(prompt), completion) for completion in sorted(output.outputs, key=lambda c: c.index)]
             for prompt, output in zip(prompts, mine, strict=True)
