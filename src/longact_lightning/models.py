@@ -79,6 +79,7 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
                 stored.add(tensor.data_ptr())
                 state[name] = tensor.contiguous()
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        model.config.architectures = [type(model).__name__]  # what save_pretrained records; loaders read it
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

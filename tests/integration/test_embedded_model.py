@@ -43,3 +43,29 @@ def test_embedded_model_qk_channels_have_outliers(embedded):
         ratios[key] = float(value.max() / value.median())
     with_outliers = [k for k, r in ratios.items() if r > 5]
     assert len(with_outliers) >= 0.6 * len(ratios), sorted(ratios.items(), key=lambda kv: kv[1])[:10]
+
+
+def test_conversion_on_a_non_zero_rank_writes_a_complete_model(tmp_path, monkeypatch):
+    """Any rank may be the first to need the embedded model. transformers' save_pretrained writes nothing on a rank
+    other than 0 of an initialized process group, so the conversion must not rely on it: the directory it leaves has
+    the weights (tied ones under the embedding's name), and a config that names the architecture."""
+    import json
+
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    from longact_lightning.models import CACHE_ENV, resolve_model
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    directory = resolve_model(EMBEDDED_MODEL)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "models" / EMBEDDED_MODEL / "config.json").read_text())["architectures"] == [
+        "LlamaForCausalLM"
+    ]
+    with safe_open(f"{directory}/model.safetensors", "pt") as weights:
+        assert "model.embed_tokens.weight" in weights.keys() and "lm_head.weight" not in weights.keys()
+    model = load_causal_lm(directory)
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    assert model.model.embed_tokens.weight.abs().sum() > 0
