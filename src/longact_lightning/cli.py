@@ -6,10 +6,10 @@ model path) are linked, not repeated.
 
 Two callbacks are top-level config sections rather than entries of ``trainer.callbacks``, because runs and ablations
 change them most: ``longact:`` (:class:`LongAct`; ``--longact.mode none`` is the uniform-update baseline, which still
-measures and logs saliency, so every arm runs the same code) and ``checkpoint:`` (:class:`ModelCheckpoint`, with
-``last.ckpt``, periodic checkpoints of which the 3 newest are kept, and a checkpoint on SIGTERM or any exception). A
-third, ``host_memory:`` (:class:`HostMemoryReuse`), keeps freed CPU memory for reuse when training on the CPU; it is on
-unless ``--host_memory.enabled false``.
+measures and logs saliency, so every arm runs the same code) and ``checkpoint:`` (:class:`RankSafeCheckpoint`, with
+``last.ckpt``, periodic checkpoints of which the 3 newest are kept, and a checkpoint on SIGTERM or any exception that
+every rank raised). A third, ``host_memory:`` (:class:`HostMemoryReuse`), keeps freed CPU memory for reuse when
+training on the CPU; it is on unless ``--host_memory.enabled false``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from longact_lightning.callbacks import HostMemoryReuse, LongAct, RunSummary
+from longact_lightning.callbacks import HostMemoryReuse, LongAct, RankSafeCheckpoint, RunSummary
 from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.models import EMBEDDED_MODEL, check_model_path
 from longact_lightning.rl.module import RLPolicyModule
@@ -136,7 +136,7 @@ class LongActCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.model")
         parser.add_lightning_class_args(LongAct, "longact")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RankSafeCheckpoint, "checkpoint")
         parser.add_lightning_class_args(HostMemoryReuse, "host_memory")
         parser.set_defaults(
             {

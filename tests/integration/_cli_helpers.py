@@ -26,6 +26,7 @@ OUT_ENV = "LONGACT_TEST_OUT"
 FLAT_RANK_ENV = "LONGACT_TEST_FLAT_RANK"
 FLAT_EVERY_ENV = "LONGACT_TEST_FLAT_EVERY"
 SLEEP_ENV = "LONGACT_TEST_STEP_SLEEP"
+FAIL_RANK_ENV = "LONGACT_TEST_FAIL_RANK"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -243,7 +244,8 @@ class RunRecorder(pl.Callback):
     * ``rank{r}.pt``: the LongAct row masks at train start (after any checkpoint restore) and at the end, and the
       final full weights (to compare ranks and the export).
 
-    ``$LONGACT_TEST_STEP_SLEEP`` seconds of sleep after each step pace a run for the signal tests.
+    ``$LONGACT_TEST_STEP_SLEEP`` seconds of sleep after each step pace a run for the signal tests;
+    ``$LONGACT_TEST_FAIL_RANK`` makes that rank alone raise after step 2.
     """
 
     SEQUENCES_START = 6  # fixed sequences: 6 prompt tokens, then 10 scored ones
@@ -300,6 +302,8 @@ class RunRecorder(pl.Callback):
         self.grad_norms.append(float(norm) if norm is not None else float("nan"))
         if len(self.steps) == 1:
             torch.save(batch, self.out / f"batch_rank{trainer.global_rank}_step{self.start_step}.pt")
+        if os.environ.get(FAIL_RANK_ENV) == str(trainer.global_rank) and trainer.global_step == 2:
+            raise RuntimeError(f"injected failure on rank {trainer.global_rank}")
         progress = {"global_step": trainer.global_step, "pid": os.getpid(), "time": time.time()}
         (self.out / f"progress_rank{trainer.global_rank}.json").write_text(json.dumps(progress))
         if self.sleep:

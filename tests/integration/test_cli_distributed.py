@@ -18,7 +18,8 @@ strategy one run of 3 steps, then a resume from ``last`` for one more step, and 
 * the HF export reloads in transformers (full shapes, the trained weights) and vLLM (same log-probs);
 * ``--ckpt_path last`` resumes at the saved step with each rank's prompt position.
 
-A last case makes one rank's dynamic sampling give up, and checks that both ranks stop with that error, in time.
+The last cases make one rank's dynamic sampling give up (both ranks stop with that error), and one rank fail alone
+(both stop: nobody waits in a checkpoint save the other rank is not part of).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pytest
 import torch
 
 from tests.integration._cli_helpers import (
+    FAIL_RANK_ENV,
     FLAT_EVERY_ENV,
     FLAT_RANK_ENV,
     RunRecorder,
@@ -209,6 +211,19 @@ def test_a_rank_whose_dynamic_sampling_gives_up_stops_both(tmp_path):
     assert proc.returncode != 0
     assert "Dynamic sampling dropped" in proc.stderr and "on rank 1" in proc.stderr, proc.stderr[-4000:]
     assert not (out / "rank0.json").exists()  # no rank finished training as if nothing happened
+
+
+def test_a_rank_that_fails_alone_does_not_hang_the_other(tmp_path):
+    """Rank 1 raises after step 2; rank 0 is then inside the next step's collectives. Saving on exception is itself a
+    collective, so rank 1 must not start one: both processes stop (non-zero) well within the timeout, and the last
+    complete step's checkpoint is what remains."""
+    out = tmp_path / "out"
+    config = _config(tmp_path, "fsdp2", out, **{"trainer.max_steps": 5, "checkpoint.agree_seconds": 5})
+    proc, seconds = _run(config, out, tmp_path, env={FAIL_RANK_ENV: "1"}, timeout=240)
+    assert proc.returncode != 0 and "injected failure on rank 1" in proc.stderr, proc.stderr[-4000:]
+    assert not (out / "rank0.json").exists()
+    last = torch.load(out / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=False)  # FSDP2: a directory
+    assert last["global_step"] == 1, last["global_step"]
 
 
 def test_ranks_with_fewer_micro_batches_stay_in_step(tmp_path):
