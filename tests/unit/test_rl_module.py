@@ -187,6 +187,7 @@ def test_module_path_applies_lm_head_only_to_completion_positions(tiny_model_dir
         ({"ppo_epochs": 0}, "ppo_epochs=0 must be >= 1"),
         ({"micro_batch_size": 0}, "micro_batch_size=0 must be >= 1"),
         ({"pad_to_multiple_of": 0}, "pad_to_multiple_of=0 must be >= 1"),
+        ({"hybrid_shard_replicas": 0}, "hybrid_shard_replicas=0 must be >= 1"),
         ({"loss_type": "ppo"}, "loss_type='ppo' is not supported"),
         ({"loss_type": "dr_grpo"}, "max_completion_length=None"),
         ({"export_every_n_steps": 5}, "needs export_dir"),

@@ -35,6 +35,12 @@ def test_tensor_parallel_size_must_divide_the_world(tp, world):
         VLLMEngine(tensor_parallel_size=tp, rank=0, world_size=world)
 
 
+@pytest.mark.parametrize(("rank", "world"), [(2, 2), (-1, 2), (0, 0)])
+def test_a_rank_outside_the_world_is_rejected(rank, world):
+    with pytest.raises(ValueError, match=rf"rank={rank}, local_rank=0, world_size={world} is not a rank of a world"):
+        VLLMEngine(rank=rank, world_size=world)
+
+
 class _RecordingLLM:
     """Stands in for ``vllm.LLM``: records its keyword arguments and the environment it was built in."""
 
