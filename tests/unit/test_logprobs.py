@@ -39,9 +39,11 @@ def _assert_same(expected, actual, atol: float) -> None:
             torch.testing.assert_close(gb, ga, rtol=1e-4, atol=atol)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", list(TINY_CONFIGS))
-def test_grouped_equals_plain_values_and_gradients(arch, attention):
+def test_grouped_equals_plain_values_and_gradients(arch, attention, checkpointing):
+    """Also under activation checkpointing, where every layer of both grouped passes is replayed in backward."""
     model = tiny_model(arch).train()
     model.config._attn_implementation = attention
     ids, mask, groups = _two_groups_of_three()
@@ -49,11 +51,31 @@ def test_grouped_equals_plain_values_and_gradients(arch, attention):
     results = []
     for grouped in (False, True):
         if grouped:
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             logprobs, entropy = grouped_completion_logprobs(model, ids, mask, C, groups)
         else:
             logprobs, entropy = completion_logprobs(model, ids, mask, C)
         results.append(_values_and_gradients(model, logprobs, entropy, real))
     _assert_same(*results, atol=1e-5)
+
+
+def test_grouped_under_checkpointing_shares_the_prompt_and_replays_each_layer_once():
+    """Two passes forward, each replayed once in backward (so activations were not kept), with the prompt still run
+    once per group, and the layers' cache flag restored afterwards."""
+    model = tiny_model("llama_gqa").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask, groups = _two_groups_of_three()
+    shapes = []
+    layer = model.model.layers[0]
+    handle = layer.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape[:2])))
+    logprobs, entropy = grouped_completion_logprobs(model, ids, mask, C, groups)
+    forward = list(shapes)
+    (logprobs.sum() + entropy.sum()).backward()
+    handle.remove()
+    assert forward == [(2, P - 1), (2, 13)]  # [groups, shared prompt], [groups, packed completions 5 + 3 + 5]
+    assert sorted(shapes[2:]) == sorted(forward)  # both replayed in backward
+    assert layer._can_checkpoint_with_cache is False
 
 
 def _scrambled_groups():

@@ -83,11 +83,21 @@ def _random_batch(seed: int, groups: int = 2, group_size: int = 3) -> RolloutBat
     return RolloutBatch.from_groups(rollouts, rewards, pad_token_id=PAD)
 
 
-def test_dapo_gradient_equals_independent_full_logits_formula(tiny_model_dir):
-    """One DAPO step, micro-batched (2 + 2 + 2), against -(1/N) sum_{i,t} A_i grad log pi(y_it), from full logits."""
+@pytest.mark.parametrize(
+    "micro_batching",
+    [
+        {"micro_batch_size": 2},  # 2 + 2 + 2 rows, groups split
+        {"micro_batch_size": 2, "gradient_checkpointing": True},
+        {"max_tokens_per_micro_batch": 10, "gradient_checkpointing": True},  # [0, 1] [2] [3, 4] [5]: groups split
+        {"max_tokens_per_micro_batch": 24, "share_prompt": False},  # 3 rows of 8 columns
+    ],
+    ids=["rows", "rows-checkpointed", "tokens-checkpointed", "tokens-unshared"],
+)
+def test_dapo_gradient_equals_independent_full_logits_formula(tiny_model_dir, micro_batching):
+    """One DAPO step, micro-batched, against -(1/N) sum_{i,t} A_i grad log pi(y_it), from full logits."""
     batch = _random_batch(seed=1)
     module = RLPolicyModule(
-        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", micro_batch_size=2, max_grad_norm=None, lr=1e-3
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", max_grad_norm=None, lr=1e-3, **micro_batching
     )
     reference = LlamaForCausalLM.from_pretrained(tiny_model_dir)  # same weights, independent forward
 
@@ -166,13 +176,15 @@ def test_gradient_clipping_sees_the_callbacks_masked_gradients(tiny_model_dir):
 
 
 def test_module_path_applies_lm_head_only_to_completion_positions(tiny_model_dir):
-    """Reference scoring, old log-probs and the checkpointed training pass all use `logits_to_keep = C + 1`."""
+    """Without prompt sharing, reference scoring, old log-probs and the checkpointed training pass all use
+    `logits_to_keep = C + 1`."""
     g = torch.Generator().manual_seed(5)
     prompt = tuple(torch.randint(3, VOCAB, (64,), generator=g).tolist())
     group = [Rollout(prompt, tuple(torch.randint(3, VOCAB, (n,), generator=g).tolist()), None, "stop") for n in (3, 4)]
     batch = RolloutBatch.from_groups([group], [[1.0, 0.0]], pad_token_id=PAD)
     module = RLPolicyModule(
         model=tiny_model_dir, tokenizer=TOKENIZER, beta=0.1, ppo_epochs=2, micro_batch_size=1, gradient_checkpointing=True,
+        share_prompt=False,
     )  # fmt: skip
     seen: list[int] = []
     for model in (module.policy, module.reference):

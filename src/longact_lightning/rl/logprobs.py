@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longact_lightning.rl.prompt_cache import SharedPromptCache, checkpointing_keeps_cache
 from longact_lightning.saliency.real_tokens import declare_real_tokens
 from longact_lightning.sharding import unshard_when_cache_gets_gradient
 
@@ -105,8 +106,10 @@ def grouped_completion_logprobs(
     first completion token) and leaves out each completion's last token (whose prediction nobody scores). What padding
     remains is between groups (rows are as long as the longest).
 
-    Needs the KV cache (so not under HF gradient checkpointing, which drops it) and an attention implementation that
-    takes a 4D mask (``sdpa``, ``eager``); with any other the plain computation runs instead.
+    Works under HF gradient checkpointing: the passes share the prompt through a replay-safe
+    :class:`~longact_lightning.rl.prompt_cache.SharedPromptCache`, so each layer is recomputed in backward with the
+    prompt's K/V kept in the graph. Needs an attention implementation that takes a 4D mask (``sdpa``, ``eager``); with
+    any other the plain computation runs instead.
 
     CPU kernels keep native memory for every input shape they meet (about 4 MB per sequence length for bf16
     attention, ~1.8 MB per row count for a bf16 linear layer; ``benchmarks/shape_cache_growth.py``), and RL batches
@@ -129,28 +132,28 @@ def grouped_completion_logprobs(
     entropy = torch.zeros_like(logprobs) if with_entropy else None
     if not packed.real.any():
         return logprobs, entropy
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
+    cache = SharedPromptCache(config=model.config)
     shared = packed.prompts.shape[1]
-    # Neither pass has a 2D attention mask, so both declare their real tokens (saliency statistics count only those).
-    if shared > 0:  # right padding needs no mask here: causal attention never lets a real token see a later one
-        with declare_real_tokens(packed.real_prompt):
-            model(input_ids=packed.prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        unshard_when_cache_gets_gradient(model, cache)  # FSDP2: the backward reaches the prompt pass via the cache
     visible = packed.visible()  # [g, T, S + T]
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores; SDPA takes it as booleans,
         mask = torch.zeros(visible.shape, dtype=model.dtype, device=visible.device)  # 4x smaller at long context
         visible = mask.masked_fill_(~visible, torch.finfo(model.dtype).min)
     real = packed.real  # [g, T]
-    with declare_real_tokens(real):
-        output = model(
-            input_ids=packed.inputs,
-            attention_mask=visible[:, None],
-            position_ids=packed.shared[:, None] + packed.offset,
-            past_key_values=cache,
-            use_cache=True,
-        )
+    # use_cache=False: the cache is passed in and used, the model need not return it (HF would warn under checkpointing)
+    with checkpointing_keeps_cache(model):
+        # Neither pass has a 2D attention mask, so both declare their real tokens (saliency counts only those).
+        if shared > 0:  # right padding needs no mask here: causal attention never lets a real token see a later one
+            with declare_real_tokens(packed.real_prompt):
+                model(input_ids=packed.prompts, past_key_values=cache, use_cache=False, logits_to_keep=1)
+            unshard_when_cache_gets_gradient(model, cache)  # FSDP2: the backward reaches the prompt pass via the cache
+        with declare_real_tokens(real):
+            output = model(
+                input_ids=packed.inputs,
+                attention_mask=visible[:, None],
+                position_ids=packed.shared[:, None] + packed.offset,
+                past_key_values=cache.reader(),
+                use_cache=False,
+            )
     values, entropies = _token_logprobs(output.logits[real][None], packed.targets[real][None], temperature, with_entropy)
     rows, columns = packed.row[real], packed.offset[real]  # [N], [N] where each packed token came from
     logprobs = logprobs.index_put((rows, columns), values[0])

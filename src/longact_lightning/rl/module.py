@@ -23,6 +23,7 @@ from typing_extensions import override
 from longact_lightning.models import load_causal_lm, load_tokenizer
 from longact_lightning.rl.advantages import StdScaling, group_advantages
 from longact_lightning.rl.logprobs import completion_logprobs, grouped_completion_logprobs
+from longact_lightning.rl.micro_batches import plan_micro_batches
 from longact_lightning.rl.losses import Aggregation, KLEstimator, LossConfig, LossType, policy_loss, step_denominator
 from longact_lightning.rl.precision import autocast_weights_once
 from longact_lightning.rollout.batch import RolloutBatch
@@ -92,11 +93,14 @@ class RLPolicyModule(pl.LightningModule):
         micro_batch_size: sequences per forward/backward pass. With ``share_prompt`` the groups of a micro-batch run
             together (one prompt pass, one packed completion pass), so whole groups per micro-batch are fastest;
             more groups per micro-batch trade activation memory for fewer, larger passes.
+        max_tokens_per_micro_batch: pack micro-batches by tokens instead (replaces ``micro_batch_size``): whole
+            groups per pass while their padded tokens fit, a larger group split into parts that each encode the
+            prompt once; one sequence longer than the budget runs alone. The setting for long context.
         max_grad_norm: clip the global gradient norm to this in ``on_before_optimizer_step``; ``None`` = no clipping.
         hybrid_shard_replicas: FSDP2 only: shard within groups of ``world_size / R`` ranks and replicate across ``R``
             groups (HSDP; ``R`` = the number of nodes keeps the all-gathers inside a node). 1 = shard over all ranks.
-        gradient_checkpointing: recompute activations in the backward pass (HF gradient checkpointing). It drops the
-            KV cache, so it turns ``share_prompt`` off.
+        gradient_checkpointing: recompute each decoder layer's activations in the backward pass (HF gradient
+            checkpointing); works with ``share_prompt`` (the prompt's K/V stay in the graph).
         share_prompt: encode each group's prompt once and reuse its KV cache for the G completions (same values and
             gradients, about G times less prompt work); see ``grouped_completion_logprobs``.
         pad_to_multiple_of: round every scoring pass's sequence length up to a multiple of this (1 = none). Fewer
@@ -135,6 +139,7 @@ class RLPolicyModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         ppo_epochs: int = 1,
         micro_batch_size: int = 4,
+        max_tokens_per_micro_batch: int | None = None,
         max_grad_norm: float | None = 1.0,
         hybrid_shard_replicas: int = 1,
         gradient_checkpointing: bool = False,
@@ -165,7 +170,7 @@ class RLPolicyModule(pl.LightningModule):
         )
         _validate_training_args(
             advantage_std, advantage_eps, temperature, lr, weight_decay, betas, ppo_epochs, micro_batch_size,
-            pad_to_multiple_of, max_grad_norm, export_dir, export_every_n_steps,
+            max_tokens_per_micro_batch, pad_to_multiple_of, max_grad_norm, export_dir, export_every_n_steps,
         )  # fmt: skip
         if hybrid_shard_replicas < 1:
             raise ValueError(f"hybrid_shard_replicas={hybrid_shard_replicas} must be >= 1 (1 = shard over all ranks).")
@@ -240,7 +245,7 @@ class RLPolicyModule(pl.LightningModule):
         advantages = group_advantages(
             batch.rewards, batch.group_ids, self.advantage_std, hp.advantage_eps, hp.leave_one_out
         )  # [B]
-        chunks = self._micro_batches(len(batch))  # (rows, zero-weight padding pass?)
+        chunks = self._micro_batches(batch)  # (rows, zero-weight padding pass?)
         aggregation = self.loss_config.resolved_aggregation
         local = step_denominator(mask, aggregation, self.loss_config.max_completion_length).to(self.device)
         denominator = float(self.trainer.strategy.reduce(local, reduce_op="sum").clamp(min=1))
@@ -331,33 +336,43 @@ class RLPolicyModule(pl.LightningModule):
         if every is not None and self.global_step % every == 0:
             self.export(Path(self.hparams.export_dir) / f"step_{self.global_step:06d}")
 
-    def _micro_batches(self, size: int) -> list[tuple[slice, bool]]:
-        """This rank's micro-batches of a ``size``-sequence batch as ``(rows, False)``, then ``(last rows, True)``
-        zero-weight padding passes until it has as many as the rank with the most micro-batches."""
-        step = self.hparams.micro_batch_size
-        chunks = [(slice(i, min(i + step, size)), False) for i in range(0, size, step)]
+    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[torch.Tensor, bool]]:
+        """This rank's micro-batches as ``(rows, False)``, then ``(last rows, True)`` zero-weight padding passes until
+        it has as many as the rank with the most micro-batches."""
+        hp = self.hparams
+        if hp.max_tokens_per_micro_batch is None:
+            rows = torch.arange(len(batch)).split(hp.micro_batch_size)
+        else:
+            plan = plan_micro_batches(
+                batch.attention_mask, batch.prompt_length, batch.group_ids, hp.max_tokens_per_micro_batch,
+                hp.share_prompt,
+            )  # fmt: skip
+            rows = [torch.tensor(micro) for micro in plan]
+        chunks = [(micro.to(self.device), False) for micro in rows]
         if self.trainer.world_size == 1:
             return chunks
         most = int(self.trainer.strategy.reduce(torch.tensor(len(chunks), device=self.device), reduce_op="max"))
         return chunks + [(chunks[-1][0], True)] * (most - len(chunks))
 
-    def _score(self, model: torch.nn.Module, batch: RolloutBatch, chunks: list[tuple[slice, bool]]) -> torch.Tensor:
+    def _score(
+        self, model: torch.nn.Module, batch: RolloutBatch, chunks: list[tuple[torch.Tensor, bool]]
+    ) -> torch.Tensor:
         """Log-probs of the whole batch under ``model``, micro-batch by micro-batch (padding passes run and are
         dropped).  # [B, C]"""
-        scores = []
+        scores = torch.zeros(batch.completion_mask.shape, device=self.device)
         for chunk, padding in chunks:
             with padding_only() if padding else nullcontext():
                 logprobs = self._logprobs(model, batch.select(chunk), with_entropy=False)[0]
             if not padding:
-                scores.append(logprobs)
-        return torch.cat(scores)
+                scores[chunk] = logprobs
+        return scores
 
     def _logprobs(
         self, model: torch.nn.Module, batch: RolloutBatch, with_entropy: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Completion log-probs (and entropies) of ``batch`` under ``model``.  # [b, C], [b, C]"""
         args = (model, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1])
-        if self.hparams.share_prompt and not self.hparams.gradient_checkpointing:
+        if self.hparams.share_prompt:
             return grouped_completion_logprobs(
                 *args, batch.group_ids, self.hparams.temperature, with_entropy, self.hparams.pad_to_multiple_of
             )
@@ -398,6 +413,7 @@ def _validate_training_args(
     betas: tuple[float, float],
     ppo_epochs: int,
     micro_batch_size: int,
+    max_tokens_per_micro_batch: int | None,
     pad_to_multiple_of: int,
     max_grad_norm: float | None,
     export_dir: str | None,
@@ -420,6 +436,10 @@ def _validate_training_args(
         raise ValueError(f"ppo_epochs={ppo_epochs} must be >= 1 (optimizer steps per rollout batch).")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1 (sequences per forward pass).")
+    if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
+        raise ValueError(
+            f"max_tokens_per_micro_batch={max_tokens_per_micro_batch} must be >= 1 (tokens per forward pass), or None."
+        )
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1 (1 = no padding).")
     if max_grad_norm is not None and not max_grad_norm > 0:
