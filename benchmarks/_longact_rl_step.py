@@ -3,19 +3,15 @@
 Run by ``benchmarks/rl_step_vs_trl.py`` and ``benchmarks/step_breakdown.py`` (through :func:`run`); prints one
 JSON line with per-step wall clock, the time spent producing the rollout batch (of it: generating and syncing weights),
 the tokens and model FLOPs the trainer processed, the resident set and glibc heap after each step, and peak RSS.
-The engine and log-prob functions are wrapped with timers/counters here (benchmark instrumentation only).
-The workload is the one of ``shared/tools/trl_anchor.py`` (its own prompt generator is imported, so both sides see
-identical prompts): SmolLM2-135M-Instruct, DAPO (eps 0.2 / 0.28, no KL), 4 prompts x 4 generations per step,
-~500-token needle prompts, <= 32 new tokens, lr 1e-6; LongAct on (top 30 %).
+The engine and the module's scoring are wrapped with timers/counters here (benchmark instrumentation only).
+The workload is ``benchmarks/_workload.py`` (the same prompts TRL's side sees), LongAct on (top 30 %).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
-import random
 import resource
 import subprocess
 import sys
@@ -27,15 +23,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks._heap import heap_mb
+from benchmarks._workload import DEFAULT_REPEATS, OTHER_TOKENS, TOKENS_PER_REPEAT, GROUP_SIZE, LEARNING_RATE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, prompts
 from longact_lightning.callbacks import HostMemoryReuse, LongAct
 from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.models import EMBEDDED_MODEL
-from longact_lightning.rl import module as rl_module
 from longact_lightning.rl.module import RLPolicyModule
 from longact_lightning.rollout.vllm_engine import VLLMEngine
-
-ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "trl_anchor.py"
 
 # Sequences per forward/backward pass: one group at a time, for peak memory. More groups per pass form every weight
 # gradient, the lm_head product and the tied embedding's [vocab, hidden] gradient less often: in bf16 two groups per
@@ -44,30 +38,27 @@ MICRO_BATCH_SIZE = 4
 # The engine's KV cache, sized to the workload: 4 prompts x (~530 + 4 x 32) tokens with the prompts prefix-cached
 # need ~0.1 GiB in fp32 and half that in bf16; each gets about twice its need.
 KV_CACHE_GIB = {"fp32": 0.25, "bf16": 0.125}
+SMOLLM2_CONTEXT = 8192
 # The module's default, so a run without --pad-to-multiple-of measures what users get.
 PAD_TO_MULTIPLE_OF = inspect.signature(RLPolicyModule).parameters["pad_to_multiple_of"].default
 
 
-def run(steps: int, bf16: bool, extra: list[str] | None = None) -> dict:
+def run(steps: int, bf16: bool, extra: list[str] | None = None, reference_workload: bool = True) -> dict:
     """How the comparison scripts run this side: a fresh process (its peak RSS is its own), in fp32 or bf16-mixed,
-    with ``steps`` steps in all; returns its JSON line."""
+    with ``steps`` steps in all; returns its JSON line. ``reference_workload`` pins the ~500-token workload's
+    micro-batch and KV cache sizes; without it ``extra`` chooses (the cache then defaults to twice the need)."""
     precision = ["--precision", "bf16-mixed", "--engine-dtype", "bfloat16"] if bf16 else []
     name = "bf16" if bf16 else "fp32"
+    pinned = ["--micro-batch-size", str(MICRO_BATCH_SIZE), "--kv-cache-gib", str(KV_CACHE_GIB[name])]
     cmd = [sys.executable, "-m", "benchmarks._longact_rl_step", "--steps", str(steps), *precision,
-           "--micro-batch-size", str(MICRO_BATCH_SIZE), "--kv-cache-gib", str(KV_CACHE_GIB[name]),
-           *(extra or [])]  # fmt: skip
+           *(pinned if reference_workload else []), *(extra or [])]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
-def anchor_records(count: int) -> list[PromptRecord]:
-    """The anchor's prompts (same generator, same seed), as PromptRecords scored by substring match."""
-    spec = importlib.util.spec_from_file_location("trl_anchor", ANCHOR)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines make_prompt; importing trl there is harmless
-    rng = random.Random(0)
-    rows = [module.make_prompt(rng) for _ in range(count)]
-    return [PromptRecord(prompt=r["prompt"][0]["content"], answers=(r["answer"],), task="anchor") for r in rows]
+def workload_records(count: int, repeats: int) -> list[PromptRecord]:
+    """The workload's prompts (same generator, same seed as TRL's side), as PromptRecords scored by substring match."""
+    return [PromptRecord(prompt=p["prompt"], answers=(p["answer"],), task="needle") for p in prompts(count, repeats)]
 
 
 class StepClock(Callback):
@@ -137,25 +128,27 @@ def instrument() -> dict[str, list[float]]:
     RLPolicyModule.training_step = timed_training_step
     VLLMEngine.generate = timed(VLLMEngine.generate, "generate_s")
     VLLMEngine.load_weights = timed(VLLMEngine.load_weights, "sync_s")
-    grouped = rl_module.grouped_completion_logprobs
+    logprobs = RLPolicyModule._logprobs
 
-    def counted(model, input_ids, attention_mask, completion_length, group_ids, *args, **kwargs):
-        prompt = attention_mask[:, : input_ids.shape[1] - completion_length].sum(-1)  # [B]
-        completion = attention_mask[:, -completion_length:].sum(-1)  # [B]
-        tokens = flops = attention = 0.0
-        for group in group_ids.unique():
-            rows = (group_ids == group).nonzero().squeeze(1)
-            lengths = completion[rows].tolist()
-            tokens += int(prompt[rows[0]]) - 1 + sum(lengths)
-            linear_flops, attention_flops = model_flops(model.config, int(prompt[rows[0]]), lengths)
-            flops += linear_flops + attention_flops
-            attention += attention_flops
-        record["train_tokens"].append(tokens)
-        record["train_flops"].append(flops)
-        record["attention_flops"].append(attention)
-        return grouped(model, input_ids, attention_mask, completion_length, group_ids, *args, **kwargs)
+    def counted(self, model, batch, with_entropy=True):
+        """Useful work of the training passes (the same whichever way the module schedules it)."""
+        if torch.is_grad_enabled():
+            P = batch.prompt_length
+            prompt, completion = batch.attention_mask[:, :P].sum(-1), batch.attention_mask[:, P:].sum(-1)  # [b]
+            tokens = flops = attention = 0.0
+            for group in batch.group_ids.unique():
+                rows = (batch.group_ids == group).nonzero().squeeze(1)
+                lengths = completion[rows].tolist()
+                tokens += int(prompt[rows[0]]) - 1 + sum(lengths)
+                linear_flops, attention_flops = model_flops(model.config, int(prompt[rows[0]]), lengths)
+                flops += linear_flops + attention_flops
+                attention += attention_flops
+            record["train_tokens"].append(tokens)
+            record["train_flops"].append(flops)
+            record["attention_flops"].append(attention)
+        return logprobs(self, model, batch, with_entropy)
 
-    rl_module.grouped_completion_logprobs = counted
+    RLPolicyModule._logprobs = counted
     return record
 
 
@@ -206,7 +199,11 @@ def main() -> None:
     ap.add_argument(
         "--pad-to-multiple-of", type=int, default=PAD_TO_MULTIPLE_OF, help="RLPolicyModule(pad_to_multiple_of=)"
     )
-    ap.add_argument("--kv-cache-gib", type=float, default=KV_CACHE_GIB["fp32"])
+    ap.add_argument("--kv-cache-gib", type=float, help="the engine's KV cache (default: twice the step's need)")
+    ap.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="noise repeats per prompt (prompt length)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--no-share-prompt", action="store_true", help="score every sequence whole (prompt G times)")
+    ap.add_argument("--max-tokens-per-micro-batch", type=int, help="RLPolicyModule(max_tokens_per_micro_batch=)")
     ap.add_argument("--profile-step", type=int, help="profile this training step (0-based) with the torch profiler")
     args = ap.parse_args()
 
@@ -216,21 +213,28 @@ def main() -> None:
     record.update(instrument())
     pl.seed_everything(0)
     module = RLPolicyModule(
-        model=EMBEDDED_MODEL, loss_type="dapo", lr=1e-6, micro_batch_size=args.micro_batch_size, max_grad_norm=1.0,
-        pad_to_multiple_of=args.pad_to_multiple_of,
-    )
+        model=EMBEDDED_MODEL, loss_type="dapo", lr=LEARNING_RATE, micro_batch_size=args.micro_batch_size,
+        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, max_grad_norm=1.0,
+        pad_to_multiple_of=args.pad_to_multiple_of, gradient_checkpointing=args.gradient_checkpointing,
+        share_prompt=not args.no_share_prompt,
+    )  # fmt: skip
+    prompt_tokens = OTHER_TOKENS + TOKENS_PER_REPEAT * args.repeats
+    max_model_len = min(SMOLLM2_CONTEXT, max(1024, prompt_tokens + MAX_NEW_TOKENS + 64))
+    # twice what the step's sequences need (prompts prefix-cached): 30 layers x K/V x 3 heads x 64 channels per token
+    kv_bytes = PROMPTS_PER_STEP * (prompt_tokens + GROUP_SIZE * MAX_NEW_TOKENS) * 30 * 2 * 3 * 64
+    kv_cache_gib = args.kv_cache_gib or 2 * kv_bytes * (2 if args.engine_dtype == "bfloat16" else 4) / 2**30
     data = RolloutDataModule(
-        source=anchor_records(64),
+        source=workload_records(64, args.repeats),
         model=EMBEDDED_MODEL,
         engine="vllm",
         engine_options={
-            "dtype": args.engine_dtype, "max_model_len": 1024, "kv_cache_gib": args.kv_cache_gib,
+            "dtype": args.engine_dtype, "max_model_len": max_model_len, "kv_cache_gib": kv_cache_gib,
             # sized to the 16 sequences of a step: vLLM's CPU defaults preallocate for 256 sequences
-            "engine_kwargs": {"max_num_seqs": 16, "max_num_batched_tokens": 2048},
+            "engine_kwargs": {"max_num_seqs": 16, "max_num_batched_tokens": max(2048, max_model_len)},
         },
-        group_size=4,
-        prompts_per_step=4,
-        max_new_tokens=32,
+        group_size=GROUP_SIZE,
+        prompts_per_step=PROMPTS_PER_STEP,
+        max_new_tokens=MAX_NEW_TOKENS,
         reward="contains_match",
     )
     clock = StepClock()
