@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longact_lightning.rl.logprobs import completion_logprobs, grouped_completion_logprobs
+from longact_lightning.rl.logprobs import completion_logprobs, grouped_completion_logprobs, token_logprobs
 from tests.conftest import TINY_CONFIGS, tiny_model
 
 P, C = 7, 5
@@ -180,3 +180,40 @@ def test_grouped_falls_back_to_plain_for_attention_without_4d_masks(monkeypatch)
     monkeypatch.setattr("longact_lightning.rl.logprobs.completion_logprobs", lambda *args: "plain")
     assert grouped_completion_logprobs(model, ids, mask, C, groups) == "plain"
 
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [1, 5, 7, 100])
+def test_vocabulary_in_chunks_gives_the_unchunked_values_and_gradients(chunk, temperature):
+    logits = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    targets = torch.randint(0, 96, (3, 7), generator=torch.Generator().manual_seed(4))
+    results = []
+    for chunk_tokens in (None, chunk):
+        logprobs, entropy = token_logprobs(logits, targets, temperature, True, chunk_tokens)
+        (grad,) = torch.autograd.grad(logprobs.sum() + 0.3 * entropy.sum(), logits)
+        results.append((logprobs, entropy, grad))
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    logprobs, entropy = token_logprobs(logits.detach(), targets, temperature, False, chunk)
+    assert entropy is None and torch.allclose(logprobs, results[0][0])
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_scoring_with_vocabulary_chunks_changes_no_value_or_gradient(grouped):
+    model = tiny_model("qwen3").train()
+    ids, mask, groups = _two_groups_of_three()
+    real = mask[:, P:].bool()
+    results = []
+    for chunk_tokens in (None, 4):
+        if grouped:
+            logprobs, entropy = grouped_completion_logprobs(model, ids, mask, C, groups, chunk_tokens=chunk_tokens)
+        else:
+            logprobs, entropy = completion_logprobs(model, ids, mask, C, chunk_tokens=chunk_tokens)
+        results.append(_values_and_gradients(model, logprobs, entropy, real))
+    _assert_same(*results, atol=1e-6)
+
+
+def test_vocabulary_chunks_below_one_are_rejected():
+    ids, mask, groups = _two_groups_of_three()
+    with pytest.raises(ValueError, match="chunk_tokens=0"):
+        grouped_completion_logprobs(tiny_model("llama_gqa"), ids, mask, C, groups, chunk_tokens=0)

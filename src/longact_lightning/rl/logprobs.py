@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from longact_lightning.rl.prompt_cache import SharedPromptCache, checkpointing_keeps_cache
 from longact_lightning.saliency.real_tokens import declare_real_tokens
@@ -37,6 +38,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = True,
     pad_to_multiple_of: int = 1,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each completion token under ``model`` and the entropy of the distribution it was drawn from.
 
@@ -53,12 +55,13 @@ def completion_logprobs(
         with_entropy: also return the per-token entropy (costs one more ``[B, C, vocab]`` product).
         pad_to_multiple_of: left-pad the sequence length up to a multiple of this (masked, so no value changes);
             see :func:`grouped_completion_logprobs` for why.
+        chunk_tokens: score the vocabulary this many tokens at a time (see :func:`token_logprobs`); ``None`` = at once.
 
     Returns:
         ``[B, C]`` float32 log-probs and ``[B, C]`` float32 entropies (``None`` without ``with_entropy``); values on
         padding columns are meaningless and must be masked by the caller.
     """
-    _check_scoring_args(temperature, pad_to_multiple_of)
+    _check_scoring_args(temperature, pad_to_multiple_of, chunk_tokens)
     if not 0 < completion_length < input_ids.shape[1]:
         raise ValueError(
             f"completion_length={completion_length} must be in (0, {input_ids.shape[1]}): the sequence must hold "
@@ -75,7 +78,8 @@ def completion_logprobs(
         logits_to_keep=completion_length + 1,
         use_cache=False,
     )
-    return _token_logprobs(output.logits[:, :-1, :], input_ids[:, -completion_length:], temperature, with_entropy)
+    targets = input_ids[:, -completion_length:]
+    return token_logprobs(output.logits[:, :-1, :], targets, temperature, with_entropy, chunk_tokens)
 
 
 def grouped_completion_logprobs(
@@ -87,6 +91,7 @@ def grouped_completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = True,
     pad_to_multiple_of: int = 1,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`completion_logprobs`, running each group's shared prompt through the model once instead of G times.
 
@@ -122,11 +127,12 @@ def grouped_completion_logprobs(
         pad_to_multiple_of: round the shared-prompt and packed-completion lengths up to a multiple of this.
         Others: as :func:`completion_logprobs`.
     """
-    _check_scoring_args(temperature, pad_to_multiple_of)
+    _check_scoring_args(temperature, pad_to_multiple_of, chunk_tokens)
     if model.config._attn_implementation not in _MASKABLE_ATTENTION:
         return completion_logprobs(
-            model, input_ids, attention_mask, completion_length, temperature, with_entropy, pad_to_multiple_of
-        )
+            model, input_ids, attention_mask, completion_length, temperature, with_entropy, pad_to_multiple_of,
+            chunk_tokens,
+        )  # fmt: skip
     packed = _PackedGroups.build(input_ids, attention_mask, completion_length, group_ids, pad_to_multiple_of)
     logprobs = input_ids.new_zeros(input_ids.shape[0], completion_length, dtype=torch.float32)  # [B, C]
     entropy = torch.zeros_like(logprobs) if with_entropy else None
@@ -154,7 +160,9 @@ def grouped_completion_logprobs(
                 past_key_values=cache.reader(),
                 use_cache=False,
             )
-    values, entropies = _token_logprobs(output.logits[real][None], packed.targets[real][None], temperature, with_entropy)
+    values, entropies = token_logprobs(
+        output.logits[real][None], packed.targets[real][None], temperature, with_entropy, chunk_tokens
+    )  # [1, N] each
     rows, columns = packed.row[real], packed.offset[real]  # [N], [N] where each packed token came from
     logprobs = logprobs.index_put((rows, columns), values[0])
     if entropy is not None:
@@ -250,27 +258,60 @@ class _PackedGroups:
 _MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
-def _check_scoring_args(temperature: float, pad_to_multiple_of: int) -> None:
+def _check_scoring_args(temperature: float, pad_to_multiple_of: int, chunk_tokens: int | None) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 to score tokens; greedy rollouts score at 1.0.")
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1 (1 = no padding).")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1 (tokens per vocabulary chunk), or None.")
 
 
 def _round_up(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
-def _token_logprobs(
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``targets`` ``[B, C]`` under ``logits`` ``[B, C, V]`` / temperature, and the entropy.  # [B, C] x2
+
+    Scoring one token costs several fp32 ``[vocab]`` temporaries (the cast, the log-softmax, its exponential), kept for
+    backward: about 4 x 4 x 150k bytes per token for a Qwen vocabulary, 38 GB for 16 completions of 4k tokens. With
+    ``chunk_tokens`` the tokens are scored that many at a time and each chunk is recomputed in backward (activation
+    checkpointing at the vocabulary), so beyond the logits and their gradient, which the model's ``lm_head`` makes
+    and needs anyway, memory is bounded by one chunk. Values and gradients are the unchunked ones.
+    """
+    B, C, V = logits.shape
+    if chunk_tokens is None or B * C <= chunk_tokens:
+        return _scores(logits, targets, temperature, with_entropy)
+    flat_logits, flat_targets = logits.reshape(B * C, V), targets.reshape(B * C)
+    pieces = []
+    for start in range(0, B * C, chunk_tokens):
+        piece = (flat_logits[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens])
+        if torch.is_grad_enabled() and logits.requires_grad:
+            pieces.append(checkpoint(_scores, *piece, temperature, with_entropy, use_reentrant=False))
+        else:
+            pieces.append(_scores(*piece, temperature, with_entropy))
+    logprobs = torch.cat([lp for lp, _ in pieces]).reshape(B, C)
+    entropy = torch.cat([ent for _, ent in pieces]).reshape(B, C) if with_entropy else None
+    return logprobs, entropy
+
+
+def _scores(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of ``targets`` ``[B, C]`` under ``logits`` ``[B, C, V]`` / temperature, and the entropy."""
+    """:func:`token_logprobs` over any leading shape: ``[..., V]`` logits, ``[...]`` targets."""
     logits = logits.float()
-    if temperature != 1.0:  # skips a [B, C, vocab] copy and its backward in the common case
+    if temperature != 1.0:  # skips a [..., vocab] copy and its backward in the common case
         logits = logits / temperature
-    log_softmax = torch.log_softmax(logits, dim=-1)  # [B, C, V]
-    logprobs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, C]
+    log_softmax = torch.log_softmax(logits, dim=-1)  # [..., V]
+    logprobs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [...]
     if not with_entropy:
         return logprobs, None
-    entropy = -(log_softmax.exp() * log_softmax).sum(-1)  # [B, C]
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1)  # [...]
     return logprobs, entropy

@@ -103,6 +103,9 @@ class RLPolicyModule(pl.LightningModule):
             checkpointing); works with ``share_prompt`` (the prompt's K/V stay in the graph).
         share_prompt: encode each group's prompt once and reuse its KV cache for the G completions (same values and
             gradients, about G times less prompt work); see ``grouped_completion_logprobs``.
+        vocab_chunk_tokens: score the vocabulary (log-softmax, entropy) this many completion tokens at a time, each
+            chunk recomputed in backward, so the fp32 ``[tokens, vocab]`` temporaries of long completions stay bounded
+            (see ``token_logprobs``); ``None`` = all at once.
         pad_to_multiple_of: round every scoring pass's sequence length up to a multiple of this (1 = none). Fewer
             distinct shapes bound the native memory CPU kernels keep per shape, for a few padding tokens per pass;
             see ``grouped_completion_logprobs``.
@@ -145,6 +148,7 @@ class RLPolicyModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         share_prompt: bool = True,
         pad_to_multiple_of: int = 16,
+        vocab_chunk_tokens: int | None = 1024,
         export_dir: str | None = None,
         export_every_n_steps: int | None = None,
     ) -> None:
@@ -170,7 +174,7 @@ class RLPolicyModule(pl.LightningModule):
         )
         _validate_training_args(
             advantage_std, advantage_eps, temperature, lr, weight_decay, betas, ppo_epochs, micro_batch_size,
-            max_tokens_per_micro_batch, pad_to_multiple_of, max_grad_norm, export_dir, export_every_n_steps,
+            max_tokens_per_micro_batch, pad_to_multiple_of, vocab_chunk_tokens, max_grad_norm, export_dir, export_every_n_steps,
         )  # fmt: skip
         if hybrid_shard_replicas < 1:
             raise ValueError(f"hybrid_shard_replicas={hybrid_shard_replicas} must be >= 1 (1 = shard over all ranks).")
@@ -371,12 +375,13 @@ class RLPolicyModule(pl.LightningModule):
         self, model: torch.nn.Module, batch: RolloutBatch, with_entropy: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Completion log-probs (and entropies) of ``batch`` under ``model``.  # [b, C], [b, C]"""
+        hp = self.hparams
         args = (model, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1])
-        if self.hparams.share_prompt:
-            return grouped_completion_logprobs(
-                *args, batch.group_ids, self.hparams.temperature, with_entropy, self.hparams.pad_to_multiple_of
-            )
-        return completion_logprobs(*args, self.hparams.temperature, with_entropy, self.hparams.pad_to_multiple_of)
+        options = {"with_entropy": with_entropy, "pad_to_multiple_of": hp.pad_to_multiple_of,
+                   "chunk_tokens": hp.vocab_chunk_tokens, "temperature": hp.temperature}  # fmt: skip
+        if hp.share_prompt:
+            return grouped_completion_logprobs(*args, batch.group_ids, **options)
+        return completion_logprobs(*args, **options)
 
     def _no_sync_unless(self, sync: bool) -> Any:
         """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
@@ -415,6 +420,7 @@ def _validate_training_args(
     micro_batch_size: int,
     max_tokens_per_micro_batch: int | None,
     pad_to_multiple_of: int,
+    vocab_chunk_tokens: int | None,
     max_grad_norm: float | None,
     export_dir: str | None,
     export_every_n_steps: int | None,
@@ -442,6 +448,8 @@ def _validate_training_args(
         )
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1 (1 = no padding).")
+    if vocab_chunk_tokens is not None and vocab_chunk_tokens < 1:
+        raise ValueError(f"vocab_chunk_tokens={vocab_chunk_tokens} must be >= 1 (tokens per chunk), or None.")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0, or None to disable clipping.")
     if export_every_n_steps is not None:
