@@ -93,12 +93,21 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_causal_lm(name_or_path: str, dtype: str | torch.dtype = "float32", **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` on a resolved name, with a clear error for a missing local path."""
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(
+    name_or_path: str, dtype: str | torch.dtype = "float32", rope_scaling: dict | None = None, **kwargs
+):
+    """``AutoModelForCausalLM.from_pretrained`` on a resolved name, with a clear error for a missing local path.
+
+    ``rope_scaling`` (e.g. ``{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}``) is
+    merged into the model's ``rope_parameters`` rather than replacing them, so ``rope_theta`` stays the model's.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
     check_model_path(path)
+    if rope_scaling:
+        base = AutoConfig.from_pretrained(path).rope_parameters or {}
+        kwargs["rope_parameters"] = {**base, **rope_scaling}
     return AutoModelForCausalLM.from_pretrained(path, dtype=_as_dtype(dtype), **kwargs)
 
 

@@ -400,23 +400,6 @@ class ReplayBatches(pl.LightningDataModule):
 def merge_batches(batches: list[Any]) -> Any:
     """One ``RolloutBatch`` holding the groups of several (each rank's), re-padded: what one process would train on
     if it had generated all of them."""
-    from longact_lightning.rollout import Rollout, RolloutBatch
+    from longact_lightning.rollout import RolloutBatch
 
-    groups, rewards = [], []
-    for batch in batches:
-        prompt_length = batch.prompt_length
-        for group in batch.group_ids.unique(sorted=True).tolist():
-            rows = (batch.group_ids == group).nonzero().flatten().tolist()
-            rollouts = []
-            for row in rows:
-                real = batch.attention_mask[row].bool()
-                prompt = batch.input_ids[row, :prompt_length][real[:prompt_length]].tolist()
-                completion = batch.input_ids[row, prompt_length:][real[prompt_length:]].tolist()
-                logprobs = None
-                if batch.engine_logprobs is not None:
-                    logprobs = tuple(batch.engine_logprobs[row, : len(completion)].tolist())
-                reason = "length" if bool(batch.truncated[row]) else "stop"
-                rollouts.append(Rollout(tuple(prompt), tuple(completion), logprobs, reason))
-            groups.append(rollouts)
-            rewards.append(batch.rewards[rows].tolist())
-    return RolloutBatch.from_groups(groups, rewards, pad_token_id=0)  # padding is masked: any id does
+    return RolloutBatch.concat(batches)

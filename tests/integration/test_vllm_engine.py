@@ -102,3 +102,26 @@ def test_synced_engine_serves_the_perturbed_policy(engine, policy, prompt_ids):
         diff = (batch.engine_logprobs - policy_logprobs_of(policy, batch, temperature))[mask].abs()
         assert diff.max() < ATOL, (temperature, diff.max())
 
+
+
+def test_rope_scaling_in_the_engine_matches_the_trainers(prompt_ids):
+    """YaRN given to both sides (trainer: ``rope_scaling``; vLLM: ``hf_overrides``) gives the same log-probs, other
+    than the unscaled model's; an engine without it is refused."""
+    from longact_lightning.rollout.vllm_engine import VLLMEngine
+    from longact_lightning.rollout.weight_sync import check_same_positions
+
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192}
+    trainer = load_causal_lm(MODEL, dtype="float32", rope_scaling=yarn).eval()
+    plain = load_causal_lm(MODEL, dtype="float32").eval()
+    overrides = {"rope_parameters": trainer.config.rope_parameters}
+    engine = VLLMEngine(MODEL, dtype="float32", max_model_len=512, kv_cache_gib=0.25, seed=0, hf_overrides=overrides)
+    check_same_positions(trainer.config, engine.model_config)
+    with pytest.raises(ValueError, match="rope_parameters"):
+        check_same_positions(plain.config, engine.model_config)
+
+    groups = engine.generate([prompt_ids], SamplingConfig(n=2, temperature=1.0, max_tokens=16, seed=3))
+    batch = RolloutBatch.from_groups(groups, [[0.0, 0.0]], pad_token_id=2)
+    mask = batch.completion_mask.bool()
+    scaled = policy_logprobs_of(trainer, batch)
+    assert (batch.engine_logprobs - scaled)[mask].abs().max() < ATOL
+    assert (policy_logprobs_of(plain, batch) - scaled)[mask].abs().max() > 2 * ATOL  # YaRN really changed the model

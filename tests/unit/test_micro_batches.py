@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longact_lightning.rl.micro_batches import plan_micro_batches
+from longact_lightning.rl.micro_batches import balanced_partition, group_costs, plan_micro_batches
 
 
 def _batch(prompts: list[int], completions: list[list[int]]):
@@ -63,3 +63,33 @@ def test_a_budget_below_one_is_rejected():
     mask, P, groups = _batch([3], [[1]])
     with pytest.raises(ValueError, match="max_tokens_per_micro_batch=0"):
         plan_micro_batches(mask, P, groups, 0, share_prompt=True)
+
+
+def test_groups_are_dealt_to_ranks_by_tokens_largest_first():
+    assert balanced_partition([10, 1, 7, 3, 3, 2], 2) == [[0, 4], [1, 2, 3, 5]]  # 13 and 13 tokens
+    assert balanced_partition([5, 5], 3) == [[0], [1], []]
+    parts = balanced_partition(list(range(1, 40)), 4)
+    loads = [sum(range(1, 40)[i] for i in part) for part in parts]
+    assert sorted(i for part in parts for i in part) == list(range(39)) and max(loads) - min(loads) <= 1
+
+
+def test_a_group_costs_its_prompt_once_with_sharing_and_per_row_without():
+    mask, P, groups = _batch([10, 4], [[5, 3], [2]])
+    assert group_costs(mask, P, groups, share_prompt=True) == {0: ([0, 1], 10 + 5 + 3), 1: ([2], 4 + 2)}
+    assert group_costs(mask, P, groups, share_prompt=False) == {0: ([0, 1], 15 + 13), 1: ([2], 6)}
+
+
+def test_concatenated_batches_repad_and_keep_groups_apart():
+    from longact_lightning.rollout import Rollout, RolloutBatch
+
+    def batch(prompt, completions, reward):
+        group = [Rollout(prompt, c, tuple(0.5 for _ in c), "stop") for c in completions]
+        return RolloutBatch.from_groups([group], [[reward] * len(group)], pad_token_id=0)
+
+    a, b = batch((5, 6), [(7,), (8, 9)], 1.0), batch((3, 4, 5, 6), [(7, 8, 9)], 0.0)
+    both = RolloutBatch.concat([a, b])
+    assert both.input_ids.tolist() == [[0, 0, 5, 6, 7, 0, 0], [0, 0, 5, 6, 8, 9, 0], [3, 4, 5, 6, 7, 8, 9]]
+    assert both.attention_mask.sum(-1).tolist() == [3, 4, 7]
+    assert both.completion_mask.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert both.engine_logprobs.tolist() == [[0.5, 0, 0], [0.5, 0.5, 0], [0.5, 0.5, 0.5]]
+    assert both.group_ids.tolist() == [0, 0, 1] and both.rewards.tolist() == [1.0, 1.0, 0.0]

@@ -37,7 +37,7 @@ from longact_lightning.models import load_tokenizer
 from longact_lightning.rollout import build_engine
 from longact_lightning.rollout.base import Rollout, RolloutEngine, SamplingConfig
 from longact_lightning.rollout.batch import RolloutBatch
-from longact_lightning.rollout.weight_sync import full_named_parameters
+from longact_lightning.rollout.weight_sync import check_same_positions, full_named_parameters
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +393,8 @@ class RolloutDataModule(LightningDataModule):
         step = int(self._step_fn())
         if self._synced_step is not None and step - self._synced_step < self.sync_every_n_steps:
             return
+        if self._synced_step is None:  # the first sync: the engine must run the trainer's model, not another one
+            check_same_positions(self._policy.config, getattr(self.engine, "model_config", None))
         start = time.perf_counter()
         self.engine.load_weights(full_named_parameters(self._policy))
         self._synced_step = step

@@ -9,14 +9,17 @@ to the last ``k`` hidden states only; ``k = C + 1`` covers every position that p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longact_lightning.rl.prompt_cache import SharedPromptCache, checkpointing_keeps_cache
 from longact_lightning.saliency.real_tokens import declare_real_tokens
+from longact_lightning.sequence_parallel import sum_over_group, ulysses
 from longact_lightning.sharding import unshard_when_cache_gets_gradient
 
 
@@ -168,6 +171,58 @@ def grouped_completion_logprobs(
     if entropy is not None:
         entropy = entropy.index_put((rows, columns), entropies[0])
     return logprobs, entropy
+
+
+def sequence_parallel_completion_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_length: int,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_tokens: int | None = None,
+    group: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`completion_logprobs` with each sequence split over the ranks of ``group`` (Ulysses; see
+    :mod:`longact_lightning.sequence_parallel`), for sequences too long for one device.
+
+    Every rank of the group passes the same batch. Each runs its contiguous chunk of a sequence (real tokens only,
+    right-padded to a multiple of the group size), scores the completion tokens its chunk predicts, and the group sums
+    the pieces: every rank returns the whole ``[B, C]`` result, and a loss computed from it identically on every rank
+    sends each rank's chunk ``S`` times its gradient (the sum's backward), which data-parallel averaging over the
+    group's ``S`` ranks turns back into the exact gradient. Sequences run one at a time.
+    """
+    _check_scoring_args(temperature, 1, chunk_tokens)
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    prompt_length = input_ids.shape[1] - completion_length
+    logprobs = input_ids.new_zeros(input_ids.shape[0], completion_length, dtype=torch.float32)  # [B, C]
+    entropy = torch.zeros_like(logprobs) if with_entropy else None
+    with ulysses(model, group):
+        for row in range(input_ids.shape[0]):
+            real = attention_mask[row].bool()
+            ids = input_ids[row][real]  # [n] prompt then completion
+            prompt, n = int(attention_mask[row, :prompt_length].sum()), len(ids)
+            width = -(-n // size)
+            start = rank * width
+            positions = torch.arange(start, start + width, device=ids.device)  # [t] this rank's chunk
+            local = F.pad(ids, (0, width * size - n))[start : start + width]
+            # the chunk's positions that predict a completion token: p - 1 .. n - 2
+            keep = positions[(positions >= prompt - 1) & (positions < n - 1)] - start  # [k]
+            with declare_real_tokens((positions < n)[None]):
+                output = model(
+                    input_ids=local[None], position_ids=positions[None], use_cache=False,
+                    logits_to_keep=keep if len(keep) else torch.tensor([width - 1], device=ids.device),
+                )  # fmt: skip
+            if not len(keep):  # nothing to score here; a zero keeps this rank's backward (and its collectives) going
+                logprobs = logprobs + output.logits.sum() * 0.0
+                continue
+            targets = ids[keep + start + 1]  # [k]
+            values, entropies = token_logprobs(output.logits, targets[None], temperature, with_entropy, chunk_tokens)
+            columns = keep + start + 1 - prompt  # [k]
+            logprobs = logprobs.index_put((torch.full_like(columns, row), columns), values[0])
+            if entropy is not None:
+                entropy = entropy.index_put((torch.full_like(columns, row), columns), entropies[0])
+    return sum_over_group(logprobs, group), None if entropy is None else sum_over_group(entropy, group)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Micro-batches by tokens: which rows of a rollout batch go through the model together.
+"""Micro-batches by tokens, and ranks by tokens: which rows of a rollout batch go through the model together, where.
 
 At long context a fixed number of sequences per pass is either too many (a 32k-token prompt) or far too few (a group
 of 16 short answers behind a shared prompt, which is only shared if the group runs in one pass). A token budget
@@ -9,6 +9,9 @@ the budget runs alone (splitting one sequence is sequence parallelism's job).
 A pass's cost is what the model actually processes, padding included: ``units x (longest prompt + longest
 completions)``. For prompt sharing that is the ``[groups, shared prompt]`` pass plus the ``[groups, packed
 completions]`` pass; without it, every row is a ``[rows, P + C]`` sequence.
+
+Under data parallelism every rank waits for the slowest at each gradient all-reduce, so the step's groups are also
+spread over the ranks by tokens (:func:`balanced_partition`) before each rank plans its micro-batches.
 """
 
 from __future__ import annotations
@@ -74,3 +77,31 @@ def _first_fit_decreasing(units: list[tuple[list[int], tuple[int, int]]], budget
             bins.append(([i], 1, prompt, completions))
     batches = [sorted(row for i in members for row in units[i][0]) for members, *_ in bins]
     return sorted(batches, key=lambda rows: rows[0])
+
+
+def group_costs(attention_mask: torch.Tensor, prompt_length: int, group_ids: torch.Tensor, share_prompt: bool):
+    """Each group's rows and the tokens its scoring costs: prompt once plus its completions with prompt sharing,
+    every row whole without.  -> ``{group id: (rows, tokens)}`` in order of first row"""
+    real = attention_mask.sum(-1)  # [B]
+    prompts = attention_mask[:, :prompt_length].sum(-1)  # [B]
+    groups: dict[int, list[int]] = {}
+    for row, group in enumerate(group_ids.tolist()):
+        groups.setdefault(group, []).append(row)
+    costs = {}
+    for group, rows in groups.items():
+        whole = int(real[rows].sum())
+        costs[group] = (rows, whole - (len(rows) - 1) * int(prompts[rows[0]]) if share_prompt else whole)
+    return costs
+
+
+def balanced_partition(costs: list[int], parts: int) -> list[list[int]]:
+    """Indices of ``costs`` split into ``parts`` lists of near-equal total: the largest first, each to the lightest
+    part so far (LPT; within 4/3 of the optimum). Deterministic, so every rank computes the same split; each part
+    gets at least one item when there are as many items as parts."""
+    loads = [(0, part) for part in range(parts)]
+    assignment: list[list[int]] = [[] for _ in range(parts)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, part = min(loads)
+        assignment[part].append(index)
+        loads[part] = (load + costs[index], part)
+    return [sorted(items) for items in assignment]

@@ -22,13 +22,18 @@ from typing_extensions import override
 
 from longact_lightning.models import load_causal_lm, load_tokenizer
 from longact_lightning.rl.advantages import StdScaling, group_advantages
-from longact_lightning.rl.logprobs import completion_logprobs, grouped_completion_logprobs
-from longact_lightning.rl.micro_batches import plan_micro_batches
+from longact_lightning.rl.logprobs import (
+    completion_logprobs,
+    grouped_completion_logprobs,
+    sequence_parallel_completion_logprobs,
+)
+from longact_lightning.rl.micro_batches import balanced_partition, group_costs, plan_micro_batches
 from longact_lightning.rl.losses import Aggregation, KLEstimator, LossConfig, LossType, policy_loss, step_denominator
 from longact_lightning.rl.precision import autocast_weights_once
 from longact_lightning.rollout.batch import RolloutBatch
 from longact_lightning.rollout.weight_sync import full_named_parameters
 from longact_lightning.saliency.real_tokens import padding_only
+from longact_lightning.sequence_parallel import sequence_parallel_group, ulysses
 from longact_lightning.sharding import (
     clip_grad_norm,
     data_parallel_mesh,
@@ -96,6 +101,16 @@ class RLPolicyModule(pl.LightningModule):
         max_tokens_per_micro_batch: pack micro-batches by tokens instead (replaces ``micro_batch_size``): whole
             groups per pass while their padded tokens fit, a larger group split into parts that each encode the
             prompt once; one sequence longer than the budget runs alone. The setting for long context.
+        balance_ranks: with several ranks, pool the step's groups and deal them out by tokens (and compute
+            advantages over the pool); off = each rank trains on the rollouts it generated.
+        sequence_parallel_size: split each sequence over this many consecutive ranks (Ulysses: attention heads
+            exchanged by all-to-all), for sequences one device cannot hold; 1 = off. Must divide the world size and
+            the attention heads. Scores sequences whole (no prompt sharing); tested with DDP.
+        attn_implementation: the trainer's attention kernel (``sdpa``, ``eager``, ``flash_attention_2``, ...). Prompt
+            sharing needs one that takes a 4D mask (``sdpa``, ``eager``); with another, sequences are scored whole.
+        rope_scaling: RoPE scaling for contexts beyond the model's (YaRN, linear, dynamic), merged into the model's
+            ``rope_parameters``. The rollout engine must use the same (vLLM: ``data.engine_options.hf_overrides``);
+            the first weight sync refuses a mismatch.
         max_grad_norm: clip the global gradient norm to this in ``on_before_optimizer_step``; ``None`` = no clipping.
         hybrid_shard_replicas: FSDP2 only: shard within groups of ``world_size / R`` ranks and replicate across ``R``
             groups (HSDP; ``R`` = the number of nodes keeps the all-gathers inside a node). 1 = shard over all ranks.
@@ -143,7 +158,11 @@ class RLPolicyModule(pl.LightningModule):
         ppo_epochs: int = 1,
         micro_batch_size: int = 4,
         max_tokens_per_micro_batch: int | None = None,
+        balance_ranks: bool = True,
+        sequence_parallel_size: int = 1,
         max_grad_norm: float | None = 1.0,
+        attn_implementation: str = "sdpa",
+        rope_scaling: dict[str, Any] | None = None,
         hybrid_shard_replicas: int = 1,
         gradient_checkpointing: bool = False,
         share_prompt: bool = True,
@@ -176,12 +195,15 @@ class RLPolicyModule(pl.LightningModule):
             advantage_std, advantage_eps, temperature, lr, weight_decay, betas, ppo_epochs, micro_batch_size,
             max_tokens_per_micro_batch, pad_to_multiple_of, vocab_chunk_tokens, max_grad_norm, export_dir, export_every_n_steps,
         )  # fmt: skip
+        if sequence_parallel_size < 1:
+            raise ValueError(f"sequence_parallel_size={sequence_parallel_size} must be >= 1 (1 = off).")
         if hybrid_shard_replicas < 1:
             raise ValueError(f"hybrid_shard_replicas={hybrid_shard_replicas} must be >= 1 (1 = shard over all ranks).")
         self.advantage_std: StdScaling = advantage_std or ("none" if loss_type == "dr_grpo" else "group")
 
         self.tokenizer = load_tokenizer(tokenizer or model)
-        self.policy = load_causal_lm(model, dtype=dtype)
+        options = {"dtype": dtype, "attn_implementation": attn_implementation, "rope_scaling": rope_scaling}
+        self.policy = load_causal_lm(model, **options)
         self.policy.config.use_cache = False
         # from_pretrained returns eval mode and Lightning 2.6 keeps each module's mode; HF only checkpoints in train
         # mode. Old and new log-probs are both taken in train mode, so they agree as long as dropout is 0.
@@ -190,11 +212,12 @@ class RLPolicyModule(pl.LightningModule):
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         reference = None
         if beta > 0:
-            reference = load_causal_lm(model, dtype=dtype).eval().requires_grad_(False)
+            reference = load_causal_lm(model, **options).eval().requires_grad_(False)
         # Deliberately not a registered submodule: the frozen reference is rebuilt from `model`, so it stays out of
         # checkpoints, the optimizer, DDP/FSDP wrapping and the callbacks' search for the trainable HF model.
         object.__setattr__(self, "reference", reference)
         self._batch_size = 1
+        self._sp_group: Any = None
 
     @override
     def configure_model(self) -> None:
@@ -224,6 +247,7 @@ class RLPolicyModule(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        self._sp_group = sequence_parallel_group(self.hparams.sequence_parallel_size, self.trainer.world_size)
         if self.reference is not None:
             self.reference.to(device=self.device, dtype=self.policy.dtype)
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -242,19 +266,20 @@ class RLPolicyModule(pl.LightningModule):
     def training_step(self, dataloader_iter: Iterator[tuple[RolloutBatch, int, int]]) -> None:
         start = time.perf_counter()
         batch, _, _ = next(dataloader_iter)  # pulled here, after the previous update: the rollouts are on-policy
-        batch = batch.to(self.device)
+        batch, advantages = self._share_of_step(batch)  # [B], this rank's rows
+        batch, advantages = batch.to(self.device), advantages.to(self.device)
         self._batch_size = len(batch)
         hp = self.hparams
         mask = batch.completion_mask.float()  # [B, C]
-        advantages = group_advantages(
-            batch.rewards, batch.group_ids, self.advantage_std, hp.advantage_eps, hp.leave_one_out
-        )  # [B]
         chunks = self._micro_batches(batch)  # (rows, zero-weight padding pass?)
         aggregation = self.loss_config.resolved_aggregation
         local = step_denominator(mask, aggregation, self.loss_config.max_completion_length).to(self.device)
-        denominator = float(self.trainer.strategy.reduce(local, reduce_op="sum").clamp(min=1))
-        # DDP/FSDP average gradients over ranks; the loss already divides by the global count, so undo the average.
-        scale = float(self.trainer.world_size)
+        # the ranks of a sequence-parallel group hold the same rows: count them once
+        sp = hp.sequence_parallel_size
+        denominator = float((self.trainer.strategy.reduce(local, reduce_op="sum") / sp).clamp(min=1))
+        # DDP/FSDP average gradients over ranks; the loss already divides by the global count, so undo the average
+        # (a sequence-parallel group's S ranks each get S times their share back, see sequence_parallel_completion_...).
+        scale = float(self.trainer.world_size) / sp
 
         with torch.no_grad():
             ref_logprobs = self._score(self.reference, batch, chunks) if self.reference is not None else None
@@ -269,7 +294,7 @@ class RLPolicyModule(pl.LightningModule):
             with autocast_weights_once(self.device.type):  # one weight cast per optimizer step
                 for k, (chunk, padding) in enumerate(chunks):
                     micro = batch.select(chunk)
-                    with self._no_sync_unless(k == len(chunks) - 1):
+                    with self._no_sync_unless(k == len(chunks) - 1), self._sequence_parallel():
                         if padding:  # keeps this rank's collectives in step with the others'
                             with padding_only():
                                 self.manual_backward(self._logprobs(self.policy, micro)[0].sum() * 0.0)
@@ -340,6 +365,39 @@ class RLPolicyModule(pl.LightningModule):
         if every is not None and self.global_step % every == 0:
             self.export(Path(self.hparams.export_dir) / f"step_{self.global_step:06d}")
 
+    def _share_of_step(self, batch: RolloutBatch) -> tuple[RolloutBatch, torch.Tensor]:
+        """This rank's rows of the step's rollouts and their advantages.
+
+        With several ranks and ``balance_ranks`` (always under sequence parallelism), every rank's groups are pooled,
+        advantages computed over the pool (so ``advantage_std="batch"`` scales by the whole step's spread, as one
+        process would) and the groups dealt out again by scoring tokens, one share per data-parallel group (the ranks
+        of a sequence-parallel group share theirs), so no rank waits for one that drew all the long prompts.
+        Otherwise the rank keeps its own."""
+        hp = self.hparams
+        world, sp = self.trainer.world_size, hp.sequence_parallel_size
+        pooled = world > 1 and (hp.balance_ranks or sp > 1)
+        if pooled:
+            batches: list[Any] = [None] * world
+            torch.distributed.all_gather_object(batches, batch.to("cpu"))
+            batch = RolloutBatch.concat(batches)
+        advantages = group_advantages(
+            batch.rewards, batch.group_ids, self.advantage_std, hp.advantage_eps, hp.leave_one_out
+        )  # [B]
+        if not pooled:
+            return batch, advantages
+        share_prompt = hp.share_prompt and sp == 1
+        groups = list(group_costs(batch.attention_mask, batch.prompt_length, batch.group_ids, share_prompt).values())
+        mine = balanced_partition([cost for _, cost in groups], world // sp)[self.trainer.global_rank // sp]
+        rows = torch.tensor(sorted(row for g in mine for row in groups[g][0]))
+        return batch.select(rows), advantages[rows]
+
+    def _sequence_parallel(self) -> Any:
+        """Forward and backward of a micro-batch run inside this, so activation checkpointing's recompute in backward
+        also attends over the whole sequence."""
+        if self.hparams.sequence_parallel_size == 1:
+            return nullcontext()
+        return ulysses(self.policy, self._sp_group)
+
     def _micro_batches(self, batch: RolloutBatch) -> list[tuple[torch.Tensor, bool]]:
         """This rank's micro-batches as ``(rows, False)``, then ``(last rows, True)`` zero-weight padding passes until
         it has as many as the rank with the most micro-batches."""
@@ -377,6 +435,10 @@ class RLPolicyModule(pl.LightningModule):
         """Completion log-probs (and entropies) of ``batch`` under ``model``.  # [b, C], [b, C]"""
         hp = self.hparams
         args = (model, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1])
+        if hp.sequence_parallel_size > 1:
+            return sequence_parallel_completion_logprobs(
+                *args, hp.temperature, with_entropy, hp.vocab_chunk_tokens, self._sp_group
+            )
         options = {"with_entropy": with_entropy, "pad_to_multiple_of": hp.pad_to_multiple_of,
                    "chunk_tokens": hp.vocab_chunk_tokens, "temperature": hp.temperature}  # fmt: skip
         if hp.share_prompt:
@@ -406,6 +468,7 @@ class RLPolicyModule(pl.LightningModule):
             values["train/accuracy"] = batch.correct.float().mean()
         self.log_dict(values, on_step=True, on_epoch=False, sync_dist=True)
         # each rank's loss is its share of the global loss, so the global value is the sum
+        loss /= self.hparams.sequence_parallel_size  # a sequence-parallel group's ranks each hold its whole loss
         self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum", prog_bar=True)
 
 

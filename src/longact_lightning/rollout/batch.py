@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 
 from longact_lightning.rollout.base import Rollout
 
@@ -58,6 +59,39 @@ class RolloutBatch:
         """Rows ``index`` of every tensor (a micro-batch); padding columns are kept so positions stay aligned."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v[index] for k, v in values.items() if isinstance(v, torch.Tensor)})
+
+    @classmethod
+    def concat(cls, batches: Sequence[RolloutBatch]) -> RolloutBatch:
+        """All rows of ``batches`` in order, re-padded to the longest prompt and completion; group ids renumbered
+        ``0..`` so groups of different batches stay apart. Optional fields survive only if every batch has them."""
+        P = max(b.prompt_length for b in batches)
+        C = max(b.completion_mask.shape[1] for b in batches)
+
+        def sequences(b: RolloutBatch, t: torch.Tensor) -> torch.Tensor:  # [b, p + c] -> [b, P + C]
+            return F.pad(t, (P - b.prompt_length, C - b.completion_mask.shape[1]))
+
+        def completions(b: RolloutBatch, t: torch.Tensor) -> torch.Tensor:  # [b, c] -> [b, C]
+            return F.pad(t, (0, C - t.shape[1]))
+
+        group_ids, offset = [], 0
+        for b in batches:
+            ids = torch.unique(b.group_ids, return_inverse=True)[1]  # [b] 0.. in order of id
+            group_ids.append(ids + offset)
+            offset += int(ids.max()) + 1 if len(ids) else 0
+        engine = [b.engine_logprobs for b in batches]
+        correct = [b.correct for b in batches]
+        return cls(
+            input_ids=torch.cat([sequences(b, b.input_ids) for b in batches]),
+            attention_mask=torch.cat([sequences(b, b.attention_mask) for b in batches]),
+            completion_mask=torch.cat([completions(b, b.completion_mask) for b in batches]),
+            rewards=torch.cat([b.rewards for b in batches]),
+            group_ids=torch.cat(group_ids),
+            truncated=torch.cat([b.truncated for b in batches]),
+            engine_logprobs=None if any(e is None for e in engine) else torch.cat(
+                [completions(b, e) for b, e in zip(batches, engine)]
+            ),
+            correct=None if any(c is None for c in correct) else torch.cat(correct),
+        )
 
     @classmethod
     def from_groups(

@@ -8,7 +8,7 @@ faster, see ``benchmarks/RESULTS.md``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ class HFEngine:
         logprobs_mode: ``"processed"`` or ``"raw"``.
         max_batch_sequences: upper bound on ``prompts x n`` sequences per ``generate`` call (whole prompts only).
         pad_token_id: padding id for the prompt batch; ``None`` = the model's ``pad_token_id``, else its EOS id.
+        rope_scaling: as ``RLPolicyModule(rope_scaling=)``; must match the trainer's.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class HFEngine:
         logprobs_mode: Literal["processed", "raw"] = "processed",
         max_batch_sequences: int = 64,
         pad_token_id: int | None = None,
+        rope_scaling: dict | None = None,
     ) -> None:
         if logprobs_mode not in ("processed", "raw"):
             raise ValueError(f"logprobs_mode={logprobs_mode!r} is not supported; use 'processed' or 'raw'.")
@@ -57,7 +59,8 @@ class HFEngine:
             self.model = model
         else:
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self.model = load_causal_lm(model, dtype=dtype).to(device).eval().requires_grad_(False)
+            loaded = load_causal_lm(model, dtype=dtype, rope_scaling=rope_scaling)
+            self.model = loaded.to(device).eval().requires_grad_(False)
         generation_config = self.model.generation_config
         eos = generation_config.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -91,6 +94,11 @@ class HFEngine:
         finally:
             self.model.train(was_training)
         return groups
+
+    @property
+    def model_config(self) -> Any:
+        """The HF config of the served model (what the trainer's must agree with)."""
+        return self.model.config
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -70,6 +70,9 @@ class VLLMEngine:
         rank: this process's global rank (set by the DataModule from the trainer's strategy).
         local_rank: its rank on the node, hence its device.
         world_size: the number of ranks; > 1 makes the engine a member of the trainer's process group.
+        hf_overrides: changes to the model's HF config, e.g. ``{"rope_parameters": {...}}`` for YaRN; must leave the
+            positional encoding equal to the trainer's (``RLPolicyModule(rope_scaling=)``), which the first weight
+            sync checks.
         engine_kwargs: further ``vllm.LLM`` keyword arguments, passed through.
 
     Raises:
@@ -93,6 +96,7 @@ class VLLMEngine:
         rank: int = 0,
         local_rank: int = 0,
         world_size: int = 1,
+        hf_overrides: dict[str, Any] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if logprobs_mode not in ("processed", "raw"):
@@ -134,6 +138,7 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
             logprobs_mode=f"{logprobs_mode}_logprobs",
+            hf_overrides=hf_overrides,
             **placement.engine_kwargs(),
             **sleep_kwargs,
             **cache_kwargs,
@@ -179,6 +184,11 @@ class VLLMEngine:
             [_rollout(tuple(prompt), completion) for completion in sorted(output.outputs, key=lambda c: c.index)]
             for prompt, output in zip(prompts, mine, strict=True)
         ]
+
+    @property
+    def model_config(self) -> Any:
+        """The HF config vLLM serves the model with (``hf_overrides`` applied)."""
+        return self.llm.llm_engine.model_config.hf_config
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy ``(hf_name, tensor)`` pairs into the served model in place, then drop the prefix cache.

@@ -19,6 +19,7 @@ unshard inside one), which is why the RL module syncs in ``on_train_batch_start`
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,3 +69,38 @@ def _flat_parameter_type() -> type:
     from torch.distributed.fsdp._flat_param import FlatParameter
 
     return FlatParameter
+
+
+# Config fields that decide where a token's query and key point: trainer and engine must agree on every one.
+_POSITION_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor")
+
+
+def check_same_positions(trainer_config: Any, engine_config: Any) -> None:
+    """Refuse an engine whose positional encoding differs from the trainer's model.
+
+    RoPE scaling (YaRN for contexts beyond the pretrained one) is a config change, not a weight: a weight sync does
+    not carry it, so an engine built without the trainer's ``rope_scaling`` would sample from another model than the
+    one trained, silently, at every position. ``None`` (an engine that does not expose its config) passes.
+    """
+    if engine_config is None:
+        return
+    for field in _POSITION_FIELDS:
+        ours, theirs = getattr(trainer_config, field, None), getattr(engine_config, field, None)
+        if _comparable(ours) != _comparable(theirs):
+            raise ValueError(
+                f"The trainer's model has {field}={ours!r} but the rollout engine's has {theirs!r}: rollouts would be "
+                f"sampled at other positions than they are trained at. Give the engine the same: "
+                f"data.engine_options.hf_overrides={{{field!r}: {ours!r}}} for vLLM, or set model.rope_scaling and "
+                "data.engine_options.rope_scaling alike for the hf engine."
+            )
+
+
+def _comparable(value: Any) -> Any:
+    """Numbers as floats (``2`` == ``2.0``), mappings and sequences recursively; other values as they are."""
+    if isinstance(value, dict):
+        return {key: _comparable(item) for key, item in value.items() if item is not None}
+    if isinstance(value, (list, tuple)):
+        return [_comparable(item) for item in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
