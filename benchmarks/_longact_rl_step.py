@@ -23,7 +23,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks._heap import heap_mb
-from benchmarks._workload import DEFAULT_REPEATS, OTHER_TOKENS, TOKENS_PER_REPEAT, GROUP_SIZE, LEARNING_RATE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, prompts
+from benchmarks._workload import (
+    DEFAULT_REPEATS,
+    GROUP_SIZE,
+    LEARNING_RATE,
+    MAX_NEW_TOKENS,
+    OTHER_TOKENS,
+    PROMPTS_PER_STEP,
+    TOKENS_PER_REPEAT,
+    prompts,
+)
 from longact_lightning.callbacks import HostMemoryReuse, LongAct
 from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.data.records import PromptRecord

@@ -43,7 +43,9 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="noise repeats per prompt (prompt length)")
     args = ap.parse_args()
-    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]} for p in prompts(64, args.repeats)]
+    rows = [
+        {"prompt": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]} for p in prompts(64, args.repeats)
+    ]
     config = GRPOConfig(
         output_dir="trl-grpo-out", per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
         num_generations=GROUP_SIZE, max_completion_length=MAX_NEW_TOKENS, max_steps=args.steps,

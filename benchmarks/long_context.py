@@ -38,8 +38,9 @@ def ours(length: int, bf16: bool, steps: int, flags: list[str]) -> dict:
     per_step = len(result["train_flops"]) // steps
     flops = [sum(result["train_flops"][i * per_step : (i + 1) * per_step]) for i in range(steps)]
     tokens = [sum(result["train_tokens"][i * per_step : (i + 1) * per_step]) for i in range(steps)]
+    attention = sum(result["attention_flops"]) / max(sum(result["train_flops"]), 1.0)
     return {"step_s": result["step_s"], "train_s": train, "flops": flops, "tokens": tokens,
-            "peak_rss_mb": result["peak_rss_mb"]}  # fmt: skip
+            "attention_share": attention, "peak_rss_mb": result["peak_rss_mb"]}  # fmt: skip
 
 
 def trl(length: int, bf16: bool, steps: int) -> dict:
@@ -61,17 +62,18 @@ def _ours_row(name: str, result: dict, peak: float) -> str:
     step, train = _median(result["step_s"]), _median(result["train_s"])
     mfu = _median([f / t / peak for f, t in zip(result["flops"], result["train_s"])])
     tokens = _median([n / t for n, t in zip(result["tokens"], result["train_s"])])
-    return (f"{name}: step {step:.1f} s (train {train:.1f} s, {tokens:.0f} train tok/s, MFU {100 * mfu:.0f} %), "
-            f"peak RSS {result['peak_rss_mb']} MB")  # fmt: skip
+    attention = 100 * result["attention_share"]
+    return (f"{name}: step {step:.1f} s (train {train:.1f} s, {tokens:.0f} train tok/s, MFU {100 * mfu:.0f} %, "
+            f"attention {attention:.0f} % of the FLOPs), peak RSS {result['peak_rss_mb']} MB")  # fmt: skip
 
 
 def sweep(args: argparse.Namespace, peak: float) -> None:
     bf16 = not args.fp32
     flags = ["--gradient-checkpointing", "--max-tokens-per-micro-batch", str(args.budget)]
-    rows, steps = [], {}
+    rows, steps, trains = [], {}, {}
     for length in args.lengths:
         result = ours(length, bf16, args.steps, flags)
-        steps[length] = _median(result["step_s"])
+        steps[length], trains[length] = _median(result["step_s"]), _median(result["train_s"])
         rows.append(_ours_row(f"{length} tokens, longact-lightning", result, peak))
         print(rows[-1], flush=True)
         if length in args.trl_lengths:
@@ -86,11 +88,11 @@ def sweep(args: argparse.Namespace, peak: float) -> None:
                     f"{result['peak_rss_mb'] / other['peak_rss_mb']:.2f}**"
                 )
             print(rows[-1], flush=True)
-    if len(steps) > 1:  # log-log slope of step time against prompt length: 1 = linear
-        x, y = zip(*((math.log(n), math.log(t)) for n, t in steps.items()))
-        mx, my = statistics.mean(x), statistics.mean(y)
-        slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
-        rows.append(f"step time ~ length^{slope:.2f} over {min(steps)}-{max(steps)} tokens (1 = linear)")
+    if len(steps) > 1:
+        rows.append(
+            f"growth over {min(steps)}-{max(steps)} tokens (log-log slope, 1 = linear): step time ~ length^"
+            f"{_slope(steps):.2f}, train phase ~ length^{_slope(trains):.2f}"
+        )
     precision = "bf16-mixed" if bf16 else "fp32"
     record(
         f"Long context: RL step vs prompt length ({precision}; 4x4 rollouts, <= 32 new tokens; ours: shared prompt + "
@@ -98,6 +100,13 @@ def sweep(args: argparse.Namespace, peak: float) -> None:
         [f"bf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s", *rows,
          f"1-min load average at the end: {os.getloadavg()[0]:.1f}"],
     )  # fmt: skip
+
+
+def _slope(seconds: dict[int, float]) -> float:
+    """Least-squares slope of log(seconds) against log(length)."""
+    x, y = zip(*((math.log(n), math.log(t)) for n, t in seconds.items()))
+    mx, my = statistics.mean(x), statistics.mean(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
 
 
 def checkpointing(args: argparse.Namespace, peak: float) -> None:
@@ -128,7 +137,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8128])
     ap.add_argument("--trl-lengths", type=int, nargs="*", default=[2048, 8128])
-    ap.add_argument("--budget", type=int, default=8192, help="max_tokens_per_micro_batch of this project's runs")
+    ap.add_argument(
+        "--budget", type=int, default=16384, help="max_tokens_per_micro_batch of this project's runs (>= one group)"
+    )
     ap.add_argument("--fp32", action="store_true", help="both sides in fp32 (default: bf16-mixed, bf16 engine)")
     ap.add_argument("--steps", type=int, default=1, help="steps per process (all timed: at 8k a step takes minutes)")
     ap.add_argument("--checkpointing", type=int, metavar="LENGTH", help="compare the scoring paths at this length")

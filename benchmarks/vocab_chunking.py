@@ -63,7 +63,8 @@ def main() -> None:
             f"({at_once['seconds']:.1f} s vs {chunked['seconds']:.1f} s)"
         )
         print(rows[-1], flush=True)
-    record("Vocabulary scoring memory: at once vs in chunks (token_logprobs, log-prob + entropy, forward + backward)", rows)
+    record("Vocabulary scoring memory: at once vs in chunks (token_logprobs: log-prob + entropy, forward + backward)",
+           rows)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -184,6 +187,23 @@ def engine_logprobs(engine: Any, sequences: list[list[int]], start: int) -> list
         [float(out.prompt_logprobs[i][ids[i]].logprob) for i in range(start, len(ids))]
         for ids, out in zip(sequences, outputs, strict=True)
     ]
+
+
+def run_worker_ranks(module: str, args: list[str], out: Path, world: int = 2, timeout: float = 300) -> None:
+    """Run ``python -m module RANK PORT *args`` as ``world`` processes that rendezvous on a free local port; fail
+    with every rank's stderr tail unless all exit 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, str(rank), port, *args], cwd=ROOT, env=subprocess_env(out),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for rank in range(world)
+    ]
+    errors = [proc.communicate(timeout=timeout)[1] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), "\n----\n".join(e[-3000:] for e in errors)
 
 
 def subprocess_env(out: Path, **extra: str) -> dict[str, str]:

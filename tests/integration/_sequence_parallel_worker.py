@@ -105,7 +105,7 @@ def main() -> None:
     result = {
         "logprob_diff": float((lp_sp - lp).abs().max()), "entropy_diff": float((ent_sp - ent).abs().max()),
         "loss": [loss_sp, loss], "grad_rel": relative, "stat_diff": stat_diff,
-        "counts": [sorted({float(s.count) for s in stats_sp.values()}), sorted({float(s.count) for s in stats.values()})],
+        "counts": [sorted({float(s.count) for s in side.values()}) for side in (stats_sp, stats)],
         "grad_norm": float(torch.stack([g.norm() for g in grads.values()]).norm()),
     }  # fmt: skip
     (out / f"rank{rank}.json").write_text(json.dumps(result))

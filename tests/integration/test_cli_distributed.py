@@ -57,6 +57,8 @@ STRATEGIES = {
     "ddp": "ddp",
     "fsdp2": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},
     "hsdp": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},  # + 2 replicas of 1-rank shards
+    # + activation checkpointing with prompt sharing, as the GPU configs run
+    "fsdp2-checkpointed": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},
     "fsdp1": {
         "class_path": "tests.integration._cli_helpers.CPUFSDPStrategy",
         "init_args": {
@@ -70,7 +72,8 @@ STRATEGIES = {
     },
 }
 STRATEGY_CLASS = {
-    "ddp": "DDPStrategy", "fsdp2": "ModelParallelStrategy", "hsdp": "ModelParallelStrategy", "fsdp1": "CPUFSDPStrategy"
+    "ddp": "DDPStrategy", "fsdp2": "ModelParallelStrategy", "hsdp": "ModelParallelStrategy",
+    "fsdp2-checkpointed": "ModelParallelStrategy", "fsdp1": "CPUFSDPStrategy",
 }  # fmt: skip
 
 
@@ -85,6 +88,7 @@ def _config(tmp_path: Path, strategy: str, out: Path, **overrides) -> Path:
             "data.engine": "vllm",
             "data.engine_options": {"dtype": "float32", "max_model_len": 640, "kv_cache_gib": 0.05},
             "model.hybrid_shard_replicas": 2 if strategy == "hsdp" else 1,
+            "model.gradient_checkpointing": strategy == "fsdp2-checkpointed",
             **overrides,
         },
     )  # fmt: skip
@@ -104,7 +108,9 @@ def _verdicts(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-def _one_process_step(model_dir: Path, batches: list, micro_batch_size: int = 4) -> tuple[float, list[float]]:
+def _one_process_step(
+    model_dir: Path, batches: list, micro_batch_size: int = 4, share_prompt: bool = True
+) -> tuple[float, list[float]]:
     """One process training one step on all ranks' rollouts (same module and LongAct): its gradient norm and the
     token counts of its saliency statistics."""
     from lightning.pytorch import Trainer
@@ -115,7 +121,7 @@ def _one_process_step(model_dir: Path, batches: list, micro_batch_size: int = 4)
 
     module = RLPolicyModule(
         model=str(model_dir), loss_type="dapo", lr=1e-2, weight_decay=0.1, micro_batch_size=micro_batch_size,
-        max_grad_norm=1.0,
+        max_grad_norm=1.0, share_prompt=share_prompt,
     )
     longact = LongAct(top_ratio=0.3, mode="high")
     trainer = Trainer(
@@ -126,7 +132,7 @@ def _one_process_step(model_dir: Path, batches: list, micro_batch_size: int = 4)
     return float(trainer.callback_metrics["train/grad_norm"]), sorted({float(s.count) for s in longact.stats.values()})
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "hsdp", "fsdp1"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "hsdp", "fsdp2-checkpointed", "fsdp1"])
 def test_two_ranks_with_one_vllm_engine_each(tmp_path, strategy):
     out = tmp_path / "out"
     config = _config(tmp_path, strategy, out)
@@ -244,3 +250,21 @@ def test_ranks_with_fewer_micro_batches_stay_in_step(tmp_path):
     expected, tokens = _one_process_step(tmp_path / "tiny", batches, micro_batch_size=2)
     assert verdicts[0]["grad_norms"][0] == pytest.approx(expected, rel=1e-5)
     assert verdicts[0]["saliency_tokens"] == tokens  # the padding pass's tokens were not counted
+
+
+def test_sequence_parallel_ranks_train_like_one_process(tmp_path):
+    """``model.sequence_parallel_size: 2`` under DDP: both ranks split every sequence of the pooled step between them.
+    The first step's gradient norm and saliency token counts are one process's on both ranks' rollouts (scored whole,
+    as sequence parallelism scores them), the engines stay in sync and the frozen rows stay frozen."""
+    out = tmp_path / "out"
+    config = _config(tmp_path, "ddp", out, **{"model.sequence_parallel_size": 2, "trainer.max_steps": 2})
+    proc, seconds = _run(config, out, tmp_path)
+    assert proc.returncode == 0, f"exit {proc.returncode} after {seconds:.0f}s\n{proc.stderr[-8000:]}"
+    verdicts = _verdicts(out)
+    assert all(v["ok"] for v in verdicts), [v["failures"] for v in verdicts]
+    assert all(c["max_abs_diff"] <= 1e-3 for v in verdicts for c in v["sync_checks"])
+    batches = [torch.load(out / f"batch_rank{r}_step0.pt", weights_only=False) for r in range(WORLD)]
+    expected, tokens = _one_process_step(tmp_path / "tiny", batches, share_prompt=False)
+    assert verdicts[0]["grad_norms"][0] == pytest.approx(expected, rel=1e-5)
+    assert verdicts[1]["grad_norms"][0] == verdicts[0]["grad_norms"][0]
+    assert verdicts[0]["saliency_tokens"] == tokens  # each token counted once, on the rank holding it

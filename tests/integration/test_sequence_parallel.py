@@ -4,14 +4,10 @@ query/key statistics on the same batch — with and without activation checkpoin
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.integration._cli_helpers import make_tiny_model_dir, subprocess_env
-from tests.integration.test_vllm_tensor_parallel import _free_port
+from tests.integration._cli_helpers import make_tiny_model_dir, run_worker_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -19,18 +15,8 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_two_ranks_split_each_sequence_and_match_one_process(tmp_path, checkpointing):
     model = make_tiny_model_dir(tmp_path / "tiny")
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.integration._sequence_parallel_worker", str(rank), port, str(model),
-             "1" if checkpointing else "0", str(tmp_path)],
-            cwd=Path(__file__).resolve().parents[2], env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for rank in range(2)
-    ]
-    errors = [proc.communicate(timeout=300)[1] for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs), "\n----\n".join(e[-3000:] for e in errors)
+    flag = "1" if checkpointing else "0"
+    run_worker_ranks("tests.integration._sequence_parallel_worker", [str(model), flag, str(tmp_path)], tmp_path)
     for rank in range(2):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert seen["logprob_diff"] < 1e-5 and seen["entropy_diff"] < 1e-5, seen

@@ -5,39 +5,18 @@ working."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.integration._cli_helpers import make_tiny_model_dir, subprocess_env
+from tests.integration._cli_helpers import make_tiny_model_dir, run_worker_ranks
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def test_two_ranks_share_one_tensor_parallel_engine(tmp_path):
     model = make_tiny_model_dir(tmp_path / "tiny", hidden_size=128)
     other = make_tiny_model_dir(tmp_path / "other", seed=1, hidden_size=128)
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.integration._tensor_parallel_worker", str(rank), port, str(model),
-             str(other), str(tmp_path)],
-            cwd=Path(__file__).resolve().parents[2], env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for rank in range(2)
-    ]
-    errors = [proc.communicate(timeout=300)[1] for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs), "\n----\n".join(e[-3000:] for e in errors)
+    run_worker_ranks("tests.integration._tensor_parallel_worker", [str(model), str(other), str(tmp_path)], tmp_path)
     seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [s["workers"] for s in seen] == [[[0, 0]], [[1, 1]]]  # one worker per rank: the engine spans both
     assert seen[0]["prompts"] == [[11, 12, 13, 14]] and seen[1]["prompts"] == [[21, 22, 23], [31, 32, 33, 34, 35]]

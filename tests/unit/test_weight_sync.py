@@ -1,4 +1,5 @@
-"""The engine must run the trainer's model: a positional-encoding mismatch (RoPE scaling) is refused at the first sync."""
+"""The engine must run the trainer's model: a positional-encoding mismatch (RoPE scaling) is refused at the first
+sync."""
 
 from __future__ import annotations
 

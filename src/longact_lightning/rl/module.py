@@ -193,7 +193,8 @@ class RLPolicyModule(pl.LightningModule):
         )
         _validate_training_args(
             advantage_std, advantage_eps, temperature, lr, weight_decay, betas, ppo_epochs, micro_batch_size,
-            max_tokens_per_micro_batch, pad_to_multiple_of, vocab_chunk_tokens, max_grad_norm, export_dir, export_every_n_steps,
+            max_tokens_per_micro_batch, pad_to_multiple_of, vocab_chunk_tokens, max_grad_norm, export_dir,
+            export_every_n_steps,
         )  # fmt: skip
         if sequence_parallel_size < 1:
             raise ValueError(f"sequence_parallel_size={sequence_parallel_size} must be >= 1 (1 = off).")
@@ -385,11 +386,17 @@ class RLPolicyModule(pl.LightningModule):
         )  # [B]
         if not pooled:
             return batch, advantages
-        share_prompt = hp.share_prompt and sp == 1
-        groups = list(group_costs(batch.attention_mask, batch.prompt_length, batch.group_ids, share_prompt).values())
+        groups = list(
+            group_costs(batch.attention_mask, batch.prompt_length, batch.group_ids, self._shares_prompt).values()
+        )
         mine = balanced_partition([cost for _, cost in groups], world // sp)[self.trainer.global_rank // sp]
         rows = torch.tensor(sorted(row for g in mine for row in groups[g][0]))
         return batch.select(rows), advantages[rows]
+
+    @property
+    def _shares_prompt(self) -> bool:
+        """Whether groups are scored with their prompt encoded once (sequence parallelism scores sequences whole)."""
+        return self.hparams.share_prompt and self.hparams.sequence_parallel_size == 1
 
     def _sequence_parallel(self) -> Any:
         """Forward and backward of a micro-batch run inside this, so activation checkpointing's recompute in backward
@@ -407,7 +414,7 @@ class RLPolicyModule(pl.LightningModule):
         else:
             plan = plan_micro_batches(
                 batch.attention_mask, batch.prompt_length, batch.group_ids, hp.max_tokens_per_micro_batch,
-                hp.share_prompt,
+                self._shares_prompt,
             )  # fmt: skip
             rows = [torch.tensor(micro) for micro in plan]
         chunks = [(micro.to(self.device), False) for micro in rows]
@@ -441,7 +448,7 @@ class RLPolicyModule(pl.LightningModule):
             )
         options = {"with_entropy": with_entropy, "pad_to_multiple_of": hp.pad_to_multiple_of,
                    "chunk_tokens": hp.vocab_chunk_tokens, "temperature": hp.temperature}  # fmt: skip
-        if hp.share_prompt:
+        if self._shares_prompt:
             return grouped_completion_logprobs(*args, batch.group_ids, **options)
         return completion_logprobs(*args, **options)
 
