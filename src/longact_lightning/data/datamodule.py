@@ -394,7 +394,7 @@ class RolloutDataModule(LightningDataModule):
         if self._synced_step is not None and step - self._synced_step < self.sync_every_n_steps:
             return
         if self._synced_step is None:  # the first sync: the engine must run the trainer's model, not another one
-            check_same_positions(self._policy.config, getattr(self.engine, "model_config", None))
+            check_same_positions(getattr(self._policy, "config", None), getattr(self.engine, "model_config", None))
         start = time.perf_counter()
         self.engine.load_weights(full_named_parameters(self._policy))
         self._synced_step = step

@@ -80,9 +80,9 @@ def check_same_positions(trainer_config: Any, engine_config: Any) -> None:
 
     RoPE scaling (YaRN for contexts beyond the pretrained one) is a config change, not a weight: a weight sync does
     not carry it, so an engine built without the trainer's ``rope_scaling`` would sample from another model than the
-    one trained, silently, at every position. ``None`` (an engine that does not expose its config) passes.
+    one trained, silently, at every position. ``None`` on either side (a model or engine without an HF config) passes.
     """
-    if engine_config is None:
+    if trainer_config is None or engine_config is None:
         return
     for field in _POSITION_FIELDS:
         ours, theirs = getattr(trainer_config, field, None), getattr(engine_config, field, None)
