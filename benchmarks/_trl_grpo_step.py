@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import tempfile
 import time
 
 from datasets import Dataset
@@ -47,7 +48,7 @@ def main() -> None:
         {"prompt": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]} for p in prompts(64, args.repeats)
     ]
     config = GRPOConfig(
-        output_dir="trl-grpo-out", per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
+        output_dir=tempfile.mkdtemp(prefix="trl-grpo-"), per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
         num_generations=GROUP_SIZE, max_completion_length=MAX_NEW_TOKENS, max_steps=args.steps,
         learning_rate=LEARNING_RATE, logging_steps=1, report_to=[], use_cpu=True, bf16=args.bf16, loss_type="dapo",
         epsilon_high=0.28, beta=0.0, save_strategy="no", gradient_checkpointing=True, dataloader_num_workers=0,

