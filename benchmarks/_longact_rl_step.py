@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--no-longact", action="store_true")
     ap.add_argument("--no-host-memory-reuse", action="store_true", help="leave glibc malloc's defaults (see HostMemoryReuse)")
     ap.add_argument("--host-memory-release-every", type=int, default=1, help="HostMemoryReuse(release_every_n_steps=)")
+    ap.add_argument("--host-memory-own-pages-from-mb", type=int, help="HostMemoryReuse(own_pages_from_mb=)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward (4 = one group)")
     ap.add_argument(
         "--pad-to-multiple-of", type=int, default=PAD_TO_MULTIPLE_OF, help="RLPolicyModule(pad_to_multiple_of=)"
@@ -248,7 +249,10 @@ def main() -> None:
     )
     clock = StepClock()
     # as the CLI runs it: HostMemoryReuse is one of its default callbacks
-    callbacks = [clock, HostMemoryReuse(not args.no_host_memory_reuse, args.host_memory_release_every)]
+    reuse = HostMemoryReuse(
+        not args.no_host_memory_reuse, args.host_memory_release_every, args.host_memory_own_pages_from_mb
+    )
+    callbacks = [clock, reuse]
     callbacks += [] if args.no_longact else [LongAct(top_ratio=0.3)]
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="cpu", devices=1, precision=args.precision, logger=False,

@@ -2,8 +2,9 @@
 
 Each run is its own process (peak RSS is its own) on the reference workload at a longer prompt
 (``benchmarks/_workload.py``: 4 prompts x 4 rollouts, <= 32 new tokens, DAPO, SmolLM2-135M whose context is 8192).
-This project runs its long-context setting: prompt sharing, activation checkpointing and a token budget of
-``--budget`` tokens per pass; TRL runs ``GRPOTrainer`` as its users do on a CPU (HF generate, gradient checkpointing,
+This project runs its long-context setting: prompt sharing, activation checkpointing, a token budget of
+``--budget`` tokens per pass and, on this CPU, ``HostMemoryReuse(own_pages_from_mb=--own-pages-from-mb)`` (blocks of
+8 MiB and more out of the heap, which otherwise fragments within an 8k-token pass); TRL runs ``GRPOTrainer`` as its users do on a CPU (HF generate, gradient checkpointing,
 one batch). Train-phase MFU = model FLOPs of the tokens trained (linear layers, ``lm_head`` on completions, causal
 attention) / (step - rollout) / the bf16 matmul peak measured in this run.
 
@@ -70,6 +71,7 @@ def _ours_row(name: str, result: dict, peak: float) -> str:
 def sweep(args: argparse.Namespace, peak: float) -> None:
     bf16 = not args.fp32
     flags = ["--gradient-checkpointing", "--max-tokens-per-micro-batch", str(args.budget)]
+    flags += ["--host-memory-own-pages-from-mb", str(args.own_pages_from_mb)] if args.own_pages_from_mb else []
     rows, steps, trains = [], {}, {}
     for length in args.lengths:
         result = ours(length, bf16, args.steps, flags)
@@ -96,7 +98,8 @@ def sweep(args: argparse.Namespace, peak: float) -> None:
     precision = "bf16-mixed" if bf16 else "fp32"
     record(
         f"Long context: RL step vs prompt length ({precision}; 4x4 rollouts, <= 32 new tokens; ours: shared prompt + "
-        f"checkpointing + {args.budget}-token budget; {args.steps} step(s) per process, the first included)",
+        f"checkpointing + {args.budget}-token budget + own pages from {args.own_pages_from_mb} MiB; "
+        f"{args.steps} step(s) per process, the first included)",
         [f"bf16 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s", *rows,
          f"1-min load average at the end: {os.getloadavg()[0]:.1f}"],
     )  # fmt: skip
@@ -139,6 +142,9 @@ def main() -> None:
     ap.add_argument("--trl-lengths", type=int, nargs="*", default=[2048, 8128])
     ap.add_argument(
         "--budget", type=int, default=16384, help="max_tokens_per_micro_batch of this project's runs (>= one group)"
+    )
+    ap.add_argument(
+        "--own-pages-from-mb", type=int, default=8, help="HostMemoryReuse(own_pages_from_mb=) of this project's runs"
     )
     ap.add_argument("--fp32", action="store_true", help="both sides in fp32 (default: bf16-mixed, bf16 engine)")
     ap.add_argument("--steps", type=int, default=1, help="steps per process (all timed: at 8k a step takes minutes)")

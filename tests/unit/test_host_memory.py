@@ -13,7 +13,7 @@ import pytest
 from longact_lightning.callbacks import host_memory
 from longact_lightning.callbacks.host_memory import HostMemoryReuse
 
-_PROBE = textwrap.dedent(
+_MALLINFO = textwrap.dedent(
     """
     import ctypes
     import torch
@@ -26,6 +26,10 @@ _PROBE = textwrap.dedent(
 
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = MallInfo2
+    """
+)
+_PROBE = _MALLINFO + textwrap.dedent(
+    """
     SIZE = 64 * 2**20
 
     def mmapped_while_alive():
@@ -49,10 +53,32 @@ def test_freed_blocks_stay_in_the_heap_instead_of_being_unmapped():
     assert out == ["True", "True", "True"]
 
 
+_OWN_PAGES_PROBE = _MALLINFO + textwrap.dedent(
+    """
+    def mmapped_while_alive(mb):
+        before = libc.mallinfo2().hblkhd
+        block = torch.ones(mb << 20, dtype=torch.uint8)
+        return libc.mallinfo2().hblkhd - before >= mb << 20
+
+    assert retain_freed_host_memory(own_pages_from_mb=8)
+    print(mmapped_while_alive(4), mmapped_while_alive(16), libc.mallinfo2().fordblks >= 4 << 20)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc statistics")
+def test_blocks_from_the_threshold_up_get_their_own_pages():
+    out = subprocess.run(
+        [sys.executable, "-c", _OWN_PAGES_PROBE], capture_output=True, text=True, check=True
+    ).stdout.split()
+    # a 4 MB block comes from the heap (and its memory stays there once freed); a 16 MB block is mapped on its own
+    assert out == ["False", "True", "True"]
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_callback_applies_the_setting_on_the_cpu_only_when_enabled(monkeypatch, enabled):
     calls = []
-    monkeypatch.setattr(host_memory, "retain_freed_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(host_memory, "retain_freed_host_memory", lambda *_: calls.append(1) or True)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     HostMemoryReuse(enabled=enabled).setup(trainer, pl.LightningModule(), "fit")
     assert len(calls) == int(enabled)
@@ -60,7 +86,7 @@ def test_callback_applies_the_setting_on_the_cpu_only_when_enabled(monkeypatch, 
 
 def test_free_pages_are_released_after_every_nth_step_only_while_active(monkeypatch):
     released = []
-    monkeypatch.setattr(host_memory, "retain_freed_host_memory", lambda: True)
+    monkeypatch.setattr(host_memory, "retain_freed_host_memory", lambda *_: True)
     monkeypatch.setattr(host_memory, "release_free_host_memory", lambda: released.append(1) or True)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     callback = HostMemoryReuse(release_every_n_steps=2)
@@ -74,3 +100,5 @@ def test_free_pages_are_released_after_every_nth_step_only_while_active(monkeypa
 def test_a_negative_release_interval_is_rejected():
     with pytest.raises(ValueError, match="release_every_n_steps=-1"):
         HostMemoryReuse(release_every_n_steps=-1)
+    with pytest.raises(ValueError, match="own_pages_from_mb=64 must be 1 to 32"):
+        HostMemoryReuse(own_pages_from_mb=64)
