@@ -202,7 +202,9 @@ def main() -> None:
     ap.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true or bf16-mixed")
     ap.add_argument("--engine-dtype", default="float32")
     ap.add_argument("--no-longact", action="store_true")
-    ap.add_argument("--no-host-memory-reuse", action="store_true", help="leave glibc malloc's defaults (see HostMemoryReuse)")
+    ap.add_argument(
+        "--no-host-memory-reuse", action="store_true", help="leave glibc malloc's defaults (see HostMemoryReuse)"
+    )
     ap.add_argument("--host-memory-release-every", type=int, default=1, help="HostMemoryReuse(release_every_n_steps=)")
     ap.add_argument("--host-memory-own-pages-from-mb", type=int, help="HostMemoryReuse(own_pages_from_mb=)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward (4 = one group)")

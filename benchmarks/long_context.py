@@ -4,9 +4,10 @@ Each run is its own process (peak RSS is its own) on the reference workload at a
 (``benchmarks/_workload.py``: 4 prompts x 4 rollouts, <= 32 new tokens, DAPO, SmolLM2-135M whose context is 8192).
 This project runs its long-context setting: prompt sharing, activation checkpointing, a token budget of
 ``--budget`` tokens per pass and, on this CPU, ``HostMemoryReuse(own_pages_from_mb=--own-pages-from-mb)`` (blocks of
-8 MiB and more out of the heap, which otherwise fragments within an 8k-token pass); TRL runs ``GRPOTrainer`` as its users do on a CPU (HF generate, gradient checkpointing,
-one batch). Train-phase MFU = model FLOPs of the tokens trained (linear layers, ``lm_head`` on completions, causal
-attention) / (step - rollout) / the bf16 matmul peak measured in this run.
+8 MiB and more out of the heap, which otherwise fragments within an 8k-token pass); TRL runs ``GRPOTrainer`` as its
+users do on a CPU (HF generate, gradient checkpointing, one batch). Train-phase MFU = model FLOPs of the tokens trained
+(linear layers, ``lm_head`` on completions, causal attention) / (step - rollout) / the bf16 matmul peak measured in
+this run.
 
 ``--checkpointing LENGTH`` instead compares, at one prompt length, three ways to score the same step: prompt sharing
 without checkpointing, prompt sharing with checkpointing (this project's long-context setting), and checkpointing

