@@ -16,7 +16,7 @@ from longact_lightning.data.longbench import (
     truncate_middle,
 )
 from longact_lightning.data.records import PromptRecord
-from longact_lightning.rl.rewards import longbench_v2_match
+from longact_lightning.data.rewards import longbench_v2_match
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "longbench_v2_tiny.json"
 

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from longact_lightning.data.records import PromptRecord
-from longact_lightning.rl import rewards
-from longact_lightning.rl.rewards import (
+from longact_lightning.data import rewards
+from longact_lightning.data.rewards import (
     SafeReward,
     contains_match,
     default_reward,
@@ -76,9 +76,9 @@ def test_user_reward_by_import_path():
     ("path", "error", "match"),
     [
         ("no_such_module_xyz:f", ImportError, "Cannot import module 'no_such_module_xyz'"),
-        ("longact_lightning.rl.rewards:no_such_fn", AttributeError, "has no attribute 'no_such_fn'"),
-        ("longact_lightning.rl.rewards:log", TypeError, "not a function"),
-        ("longact_lightning.rl.rewards:", ValueError, "package.module:function"),
+        ("longact_lightning.data.rewards:no_such_fn", AttributeError, "has no attribute 'no_such_fn'"),
+        ("longact_lightning.data.rewards:log", TypeError, "not a function"),
+        ("longact_lightning.data.rewards:", ValueError, "package.module:function"),
     ],
 )
 def test_bad_import_paths_are_clear(path, error, match):
@@ -100,7 +100,7 @@ def test_safe_reward_scores_failure_zero_counts_and_warns(caplog):
         return 1.0
 
     safe = SafeReward(flaky)
-    with caplog.at_level(logging.WARNING, logger="longact_lightning.rl.rewards"):
+    with caplog.at_level(logging.WARNING, logger="longact_lightning.data.rewards"):
         scores = [safe(c, _rec("x")) for c in ["ok", "boom", "ok", "nan"]]
     assert scores == [1.0, 0.0, 1.0, 0.0]
     assert safe.failures == 2

@@ -25,7 +25,7 @@ from longact_lightning.data.ruler import (
     singular,
     zeta,
 )
-from longact_lightning.rl.rewards import string_match_all
+from longact_lightning.data.rewards import string_match_all
 
 TARGET = 1024
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from longact_lightning.data.records import PromptRecord, chat_prompt_ids
+from longact_lightning.data.rewards import RewardFn, SafeReward, default_reward, resolve_reward
 from longact_lightning.data.sources import PromptSource
 from longact_lightning.models import load_tokenizer
 from longact_lightning.rollout import build_engine
@@ -40,8 +41,6 @@ from longact_lightning.rollout.batch import RolloutBatch
 from longact_lightning.rollout.weight_sync import check_same_positions, full_named_parameters
 
 log = logging.getLogger(__name__)
-
-RewardFn = Callable[[str, PromptRecord], float]
 
 
 @dataclass
@@ -83,7 +82,7 @@ class RolloutDataModule(LightningDataModule):
             ``max_new_tokens``. 0 disables it.
         overlong_penalty: the penalty's scale.
         mask_truncated: exclude completions that hit ``max_new_tokens`` from the loss (their ``completion_mask`` is 0).
-        reward: a metric name of ``longact_lightning.rl.rewards.METRICS``, an import path ``package.module:function``,
+        reward: a metric name of ``longact_lightning.data.rewards.METRICS``, an import path ``package.module:function``,
             or a callable ``(completion_text, record) -> float``; ``None`` = each task's official metric.
         sync_every_n_steps: push the policy's weights into the engine when at least this many optimizer steps
             happened since the last push (1 = strictly on-policy). Sharded parameters are streamed into the engine
@@ -421,8 +420,6 @@ class RolloutDataModule(LightningDataModule):
         return self.overlong_penalty * max(-1.0, (free - length) / self.overlong_buffer_tokens)
 
     def _reward_for(self, task: str) -> Any:
-        from longact_lightning.rl.rewards import SafeReward, default_reward
-
         key = None if self._explicit_reward is not None else task
         if key not in self._rewards:
             self._rewards[key] = SafeReward(self._explicit_reward or default_reward(task))
@@ -468,6 +465,4 @@ def _resolve_reward(reward: str | RewardFn | None) -> RewardFn | None:
     """Resolve a configured reward now, so a bad name or import path fails at construction."""
     if reward is None or callable(reward):
         return reward
-    from longact_lightning.rl.rewards import resolve_reward
-
     return resolve_reward(reward)

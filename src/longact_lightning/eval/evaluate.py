@@ -36,7 +36,7 @@ from longact_lightning.data.sources import PromptSource
 from longact_lightning.eval.checkpoints import export_policy, read_policy_checkpoint
 from longact_lightning.data.records import chat_prompt_ids
 from longact_lightning.eval.report import print_table, write_csv, write_json
-from longact_lightning.rl.rewards import DEFAULT_METRIC, default_reward, postprocess_prediction, ruler_score
+from longact_lightning.data.rewards import DEFAULT_METRIC, default_reward, postprocess_prediction, ruler_score
 from longact_lightning.rollout import build_engine
 from longact_lightning.rollout.base import SamplingConfig
 
@@ -96,7 +96,7 @@ def evaluate_records(
     Args:
         engine: a :class:`~longact_lightning.rollout.base.RolloutEngine` (vLLM or HF) serving the weights to score.
         tokenizer: the model's tokenizer (chat template, decoding).
-        records: the records; their tasks must have an official metric (``rl.rewards.DEFAULT_METRIC``).
+        records: the records; their tasks must have an official metric (``data.rewards.DEFAULT_METRIC``).
         max_tokens: tokens to generate for every record; ``None`` = each benchmark's own (:func:`generation_budget`).
     """
     records = list(records)
