@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from longact_lightning.callbacks import LongAct
+from longact_lightning import LongAct
 from longact_lightning.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 
 TEXTS = [
