@@ -34,7 +34,7 @@ from typing_extensions import override
 from longact_lightning.data.records import PromptRecord, chat_prompt_ids
 from longact_lightning.data.rewards import RewardFn, SafeReward, default_reward, resolve_reward
 from longact_lightning.data.sources import PromptSource
-from longact_lightning.models import load_tokenizer
+from longact_lightning.models import EMBEDDED_MODEL, load_tokenizer
 from longact_lightning.rollout import build_engine
 from longact_lightning.rollout.base import Rollout, RolloutEngine, SamplingConfig
 from longact_lightning.rollout.batch import RolloutBatch
@@ -93,7 +93,7 @@ class RolloutDataModule(LightningDataModule):
     def __init__(
         self,
         source: PromptSource | Iterable[PromptRecord],
-        model: str = "smollm2-135m-instruct",
+        model: str = EMBEDDED_MODEL,
         engine: Literal["vllm", "hf"] = "vllm",
         engine_options: dict[str, Any] | None = None,
         group_size: int = 8,

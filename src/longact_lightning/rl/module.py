@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, ParallelStrategy
 from typing_extensions import override
 
-from longact_lightning.models import load_causal_lm, load_tokenizer
+from longact_lightning.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 from longact_lightning.rl.advantages import StdScaling, group_advantages
 from longact_lightning.rl.logprobs import (
     completion_logprobs,
@@ -131,7 +131,7 @@ class RLPolicyModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: str = "smollm2-135m-instruct",
+        model: str = EMBEDDED_MODEL,
         tokenizer: str | None = None,
         dtype: str = "float32",
         loss_type: LossType = "grpo",

@@ -6,6 +6,7 @@ import inspect
 import warnings
 from typing import Any, Literal
 
+from longact_lightning.models import EMBEDDED_MODEL
 from longact_lightning.rollout.base import Rollout, RolloutEngine, SamplingConfig
 from longact_lightning.rollout.batch import RolloutBatch
 from longact_lightning.rollout.hf_engine import HFEngine
@@ -24,7 +25,7 @@ __all__ = [
 EngineKind = Literal["vllm", "hf"]
 
 
-def build_engine(kind: EngineKind = "vllm", model: str = "smollm2-135m-instruct", **options: Any) -> RolloutEngine:
+def build_engine(kind: EngineKind = "vllm", model: str = EMBEDDED_MODEL, **options: Any) -> RolloutEngine:
     """Build the rollout engine named ``kind`` on ``model``.
 
     ``"vllm"`` falls back to ``"hf"`` with a warning when vLLM is not installed, so a config written for a GPU box

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from longact_lightning.models import load_causal_lm
+from longact_lightning.models import EMBEDDED_MODEL, load_causal_lm
 from longact_lightning.rollout.base import Rollout, SamplingConfig
 
 
@@ -43,7 +43,7 @@ class HFEngine:
 
     def __init__(
         self,
-        model: str | nn.Module = "smollm2-135m-instruct",
+        model: str | nn.Module = EMBEDDED_MODEL,
         dtype: str = "bfloat16",
         device: str | None = None,
         logprobs_mode: Literal["processed", "raw"] = "processed",

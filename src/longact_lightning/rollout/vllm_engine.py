@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from longact_lightning.models import resolve_model
+from longact_lightning.models import EMBEDDED_MODEL, resolve_model
 from longact_lightning.rollout.base import Rollout, SamplingConfig
 
 LogprobsMode = Literal["processed", "raw"]
@@ -82,7 +82,7 @@ class VLLMEngine:
 
     def __init__(
         self,
-        model: str = "smollm2-135m-instruct",
+        model: str = EMBEDDED_MODEL,
         dtype: str = "bfloat16",
         max_model_len: int | None = None,
         seed: int = 0,
