@@ -2,7 +2,7 @@
 
 ``fit`` / ``validate`` / ``test`` are Lightning's own; ``profile`` and ``eval`` are methods of :class:`LongActTrainer`
 so they take the same ``--config`` and the same model/data sections. Values the module and the DataModule share (the
-model path) are linked, not repeated.
+model path, the sampling temperature, the completion budget) are linked, not repeated.
 
 Two callbacks are top-level config sections rather than entries of ``trainer.callbacks``, because runs and ablations
 change them most: ``longact:`` (:class:`LongAct`; ``--longact.mode none`` is the uniform-update baseline, which still
@@ -135,6 +135,10 @@ class LongActCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.model")
+        # The loss scores log-probs at the temperature the rollouts were sampled at, and Dr.GRPO's L_max is the
+        # generation budget: each is set once, on the data side, so the two can never disagree.
+        parser.link_arguments("data.temperature", "model.temperature")
+        parser.link_arguments("data.max_new_tokens", "model.max_completion_length")
         parser.add_lightning_class_args(LongAct, "longact")
         parser.add_lightning_class_args(RankSafeCheckpoint, "checkpoint")
         parser.add_lightning_class_args(HostMemoryReuse, "host_memory")

@@ -222,6 +222,13 @@ def test_unknown_key_is_named(capsys, tmp_path):
     assert "longact.top_ration" in _fails(capsys, "--config", str(extra))
 
 
+def test_sampling_temperature_and_budget_are_set_once_on_the_data_side(capsys):
+    c = _parse("--config", str(DEMO), "--data.temperature", "0.7", "--data.max_new_tokens", "40")
+    # the loss scores at the temperature the engine sampled at; Dr.GRPO's L_max is the generation budget
+    assert (c.model.temperature, c.model.max_completion_length) == (0.7, 40)
+    assert 'must be given via "data.temperature"' in _fails(capsys, "--model.temperature", "0.7")
+
+
 def test_wrong_type_is_named(capsys, tmp_path):
     assert 'Parser key "model.lr"' in _fails(capsys, "--model.lr", "abc")
     extra = tmp_path / "extra.yaml"

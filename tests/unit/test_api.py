@@ -1,0 +1,19 @@
+"""The public API: what the README imports from the package's top level."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import longact_lightning
+from longact_lightning.callbacks import ActivationSaliency, GradientRowMask, LongAct
+from longact_lightning.data.datamodule import RolloutDataModule
+from longact_lightning.rl.module import RLPolicyModule
+
+
+def test_top_level_exports_the_public_classes_and_the_version():
+    from longact_lightning import ActivationSaliency as A, GradientRowMask as G, LongAct as L  # noqa: N817
+    from longact_lightning import RLPolicyModule as M, RolloutDataModule as D  # noqa: N817
+
+    assert (A, G, L, M, D) == (ActivationSaliency, GradientRowMask, LongAct, RLPolicyModule, RolloutDataModule)
+    assert longact_lightning.__version__ == version("longact-lightning")
+    assert all(hasattr(longact_lightning, name) for name in longact_lightning.__all__)
