@@ -31,7 +31,7 @@ from longact_lightning.callbacks import GradientRowMask, LongAct
 from longact_lightning.callbacks.local_rows import fsdp1_flat_shards
 from longact_lightning.saliency import find_qk_projections
 from longact_lightning.saliency.projections import clean_name
-from tests.conftest import LMModule, random_lm_batches, tiny_model
+from tests.helpers.models import LMModule, random_lm_batches, tiny_model
 
 ARCH = "llama_gqa"
 BATCH_SIZE = 4
@@ -102,7 +102,7 @@ def _strategy(name: str):
     if name == "fsdp1":
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        from tests.integration._cli_helpers import CPUFSDPStrategy
+        from tests.helpers.cli import CPUFSDPStrategy
 
         return CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True, process_group_backend="gloo")
     if name == "fsdp2":

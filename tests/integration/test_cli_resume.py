@@ -1,8 +1,8 @@
 """Crash safety of ``longact fit``: SIGKILL after a checkpoint, then ``--ckpt_path last``; and SIGTERM mid-run.
 
 Each run is the real CLI in a subprocess (tiny saved model, RULER prompts, HF engine, LongAct at 0.3, a checkpoint
-every step). :class:`tests.integration._cli_helpers.RunRecorder` paces the steps (``$LONGACT_TEST_STEP_SLEEP``),
-reports progress and writes the end-of-run verdict; :func:`tests.integration._cli_helpers.logged_reward` logs the
+every step). :class:`tests.helpers.cli.RunRecorder` paces the steps (``$LONGACT_TEST_STEP_SLEEP``),
+reports progress and writes the end-of-run verdict; :func:`tests.helpers.cli.logged_reward` logs the
 RULER index of every prompt each run scored, which is how the tests see the prompt stream.
 
 Note on callback order: Lightning runs ``ModelCheckpoint`` after the other callbacks, so when the recorder reports
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration._cli_helpers import make_tiny_model_dir, read_jsonl, subprocess_env, write_run_config
+from tests.helpers.cli import make_tiny_model_dir, read_jsonl, subprocess_env, write_run_config
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ What runs where (Lightning 2.6.6, torch 2.13 CPU):
 * ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``): supported on CPU/gloo; row-sharded DTensors.
 * ``FSDPStrategy`` (FSDP1): **refused on CPU by Lightning** (see :func:`test_lightning_fsdp_strategy_refuses_cpu`),
   and torch's FSDP1 needs ``device_id=torch.device("cpu")``, which Lightning never passes on CPU. The worker uses
-  :class:`tests.integration._cli_helpers.CPUFSDPStrategy`, a test-only subclass that wraps with that ``device_id``,
+  :class:`tests.helpers.cli.CPUFSDPStrategy`, a test-only subclass that wraps with that ``device_id``,
   to exercise the FSDP1 ``use_orig_params`` flat-shard storage GPU users get.
 """
 

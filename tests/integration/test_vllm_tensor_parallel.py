@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.integration._cli_helpers import make_tiny_model_dir, run_worker_ranks
+from tests.helpers.cli import make_tiny_model_dir, run_worker_ranks
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.data.ruler import RulerSource
 from longact_lightning.rl.module import RLPolicyModule
 from longact_lightning.rollout import VLLMEngine
-from tests.integration._cli_helpers import make_tiny_model_dir
+from tests.helpers.cli import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -14,7 +14,7 @@ import pytest
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from longact_lightning.callbacks import GradientRowMask, LongAct
-from tests.conftest import LMModule, tiny_model
+from tests.helpers.models import LMModule, tiny_model
 
 MESSAGE = "cannot guarantee frozen rows under DeepSpeed"
 

@@ -6,20 +6,8 @@ import pytest
 import torch
 
 from longact_lightning.rl.logprobs import completion_logprobs, grouped_completion_logprobs, token_logprobs
-from tests.conftest import TINY_CONFIGS, tiny_model
-
-P, C = 7, 5
-
-
-def _two_groups_of_three():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 90, (6, P + C), generator=g)
-    mask = torch.ones_like(ids)
-    ids[:3, :P] = ids[0, :P]
-    ids[3:, :P] = ids[3, :P]
-    ids[3:, :2], mask[3:, :2] = 0, 0  # the second prompt is shorter: left padding
-    mask[1, P + 3 :], mask[4, P + 1 :] = 0, 0  # completions of different lengths: right padding
-    return ids, mask, torch.tensor([0, 0, 0, 1, 1, 1])
+from tests.helpers.batches import C, P, two_groups_of_three
+from tests.helpers.models import TINY_CONFIGS, tiny_model
 
 
 def _values_and_gradients(model, logprobs, entropy, real):
@@ -46,7 +34,7 @@ def test_grouped_equals_plain_values_and_gradients(arch, attention, checkpointin
     """Also under activation checkpointing, where every layer of both grouped passes is replayed in backward."""
     model = tiny_model(arch).train()
     model.config._attn_implementation = attention
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     real = mask[:, P:].bool()
     results = []
     for grouped in (False, True):
@@ -65,7 +53,7 @@ def test_grouped_under_checkpointing_shares_the_prompt_and_replays_each_layer_on
     once per group, and the layers' cache flag restored afterwards."""
     model = tiny_model("llama_gqa").train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     shapes = []
     layer = model.model.layers[0]
     handle = layer.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape[:2])))
@@ -108,7 +96,7 @@ def test_grouped_handles_interleaved_rows_empty_groups_and_one_token_prompts(att
 
 def test_grouped_runs_all_groups_in_one_prompt_pass_and_one_completion_pass():
     model = tiny_model("llama_gqa").train()
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     batch_sizes = []
     handle = model.model.layers[0].register_forward_pre_hook(lambda _, args: batch_sizes.append(args[0].shape[0]))
     grouped_completion_logprobs(model, ids, mask, C, groups)
@@ -130,7 +118,7 @@ def _score(grouped: bool, model, ids, mask, groups, pad_to_multiple_of: int = 1)
 def test_padding_to_a_multiple_rounds_every_pass_and_changes_no_value_or_gradient(attention, grouped, lengths):
     model = tiny_model("llama_gqa").train()
     model.config._attn_implementation = attention
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     real = mask[:, P:].bool()
     results, seen = [], []
     handle = model.model.layers[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
@@ -144,20 +132,20 @@ def test_padding_to_a_multiple_rounds_every_pass_and_changes_no_value_or_gradien
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_padding_to_a_multiple_below_one_is_rejected(grouped):
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     with pytest.raises(ValueError, match="pad_to_multiple_of=0"):
         _score(grouped, tiny_model("llama_gqa"), ids, mask, groups, 0)
 
 
 def test_grouped_rejects_rows_of_one_group_with_different_prompts():
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     ids[1, P - 1] += 1
     with pytest.raises(ValueError, match="different prompts"):
         grouped_completion_logprobs(tiny_model("llama_gqa"), ids, mask, C, groups)
 
 
 def test_grouped_rejects_a_prompt_without_real_tokens():
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     mask[3:, :P] = 0
     with pytest.raises(ValueError, match="no real token"):
         grouped_completion_logprobs(tiny_model("llama_gqa"), ids, mask, C, groups)
@@ -176,7 +164,7 @@ def test_grouped_with_a_one_token_prompt_is_the_plain_computation():
 def test_grouped_falls_back_to_plain_for_attention_without_4d_masks(monkeypatch):
     model = tiny_model("llama_gqa")
     model.config._attn_implementation = "flash_attention_2"
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     monkeypatch.setattr("longact_lightning.rl.logprobs.completion_logprobs", lambda *args: "plain")
     assert grouped_completion_logprobs(model, ids, mask, C, groups) == "plain"
 
@@ -201,7 +189,7 @@ def test_vocabulary_in_chunks_gives_the_unchunked_values_and_gradients(chunk, te
 @pytest.mark.parametrize("grouped", [True, False])
 def test_scoring_with_vocabulary_chunks_changes_no_value_or_gradient(grouped):
     model = tiny_model("qwen3").train()
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     real = mask[:, P:].bool()
     results = []
     for chunk_tokens in (None, 4):
@@ -214,6 +202,6 @@ def test_scoring_with_vocabulary_chunks_changes_no_value_or_gradient(grouped):
 
 
 def test_vocabulary_chunks_below_one_are_rejected():
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     with pytest.raises(ValueError, match="chunk_tokens=0"):
         grouped_completion_logprobs(tiny_model("llama_gqa"), ids, mask, C, groups, chunk_tokens=0)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from longact_lightning.callbacks import LongAct
 from longact_lightning.saliency import find_qk_projections
-from tests.conftest import TINY_CONFIGS, LMModule, random_lm_batches, tiny_model
+from tests.helpers.models import TINY_CONFIGS, LMModule, random_lm_batches, tiny_model
 
 
 def _fit(module, callbacks, steps=20, **trainer_kwargs):

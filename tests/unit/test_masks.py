@@ -7,7 +7,7 @@ import torch
 
 from longact_lightning.saliency import channel_units, find_qk_projections, jaccard, num_selected, row_masks, select_channels
 from longact_lightning.saliency.masks import validate_selection
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 
 @pytest.mark.parametrize(("units", "ratio", "expected"), [(64, 0.3, 19), (32, 0.3, 10), (10, 0.25, 3), (10, 0.05, 1), (7, 1.0, 7)])

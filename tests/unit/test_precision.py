@@ -8,13 +8,13 @@ import torch
 
 from longact_lightning.rl.logprobs import grouped_completion_logprobs
 from longact_lightning.rl.precision import autocast_weights_once
-from tests.conftest import tiny_model
-from tests.unit.test_logprobs import C, P, _two_groups_of_three
+from tests.helpers.models import tiny_model
+from tests.helpers.batches import C, P, two_groups_of_three
 
 
 def _two_steps_of_two_micro_batches(cast_once: bool) -> list[torch.Tensor]:
     """Log-probs of each micro-batch over two optimizer steps, all inside one uncached bf16 autocast region."""
-    ids, mask, groups = _two_groups_of_three()
+    ids, mask, groups = two_groups_of_three()
     model = tiny_model("llama_gqa").train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     seen = []
@@ -33,7 +33,7 @@ def _two_steps_of_two_micro_batches(cast_once: bool) -> list[torch.Tensor]:
 
 def test_cast_once_per_step_matches_casting_per_pass_and_sees_each_update():
     cached, uncached = _two_steps_of_two_micro_batches(True), _two_steps_of_two_micro_batches(False)
-    real = _two_groups_of_three()[1][:, P:].bool()
+    real = two_groups_of_three()[1][:, P:].bool()
     real = [real[:3], real[3:]] * 2
     step_change = max((b - a)[r].abs().max() for a, b, r in zip(cached[:2], cached[2:], real))
     assert step_change > 0.05  # the second step's passes saw the updated weights

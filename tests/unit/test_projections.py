@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from longact_lightning.saliency import find_qk_projections
-from tests.conftest import TINY_CONFIGS, tiny_model
+from tests.helpers.models import TINY_CONFIGS, tiny_model
 
 
 @pytest.mark.parametrize("arch", list(TINY_CONFIGS))

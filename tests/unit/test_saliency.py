@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from longact_lightning.callbacks import ActivationSaliency, GradientRowMask, LongAct
 from longact_lightning.rl.logprobs import grouped_completion_logprobs
 from longact_lightning.saliency import ChannelStats, find_qk_projections
-from tests.conftest import LMModule, random_lm_batches, tiny_model
+from tests.helpers.models import LMModule, random_lm_batches, tiny_model
 
 
 def _trainer(steps, callbacks, **kwargs):

@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import MixedPrecision
 
 from longact_lightning.sharding import data_parallel_mesh, fsdp1_root, fsdp1_wrap, fully_shard_decoder_layers
-from tests.conftest import tiny_model
+from tests.helpers.models import tiny_model
 
 
 @pytest.fixture

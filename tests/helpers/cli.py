@@ -1,7 +1,7 @@
 """Helpers for the CLI tests: a tiny saved model, a run config, a verification callback and a logging reward.
 
 The CLI runs in subprocesses (Lightning's ``ddp`` launcher re-executes the command for rank 1), so what those
-processes need lives here and is named by import path in the config (``tests.integration._cli_helpers...``): the
+processes need lives here and is named by import path in the config (``tests.helpers.cli...``): the
 subprocesses run with the repository root on ``PYTHONPATH``. Both talk back through files in ``$LONGACT_TEST_OUT``.
 """
 
@@ -84,7 +84,7 @@ def write_run_config(path: Path, model_dir: Path, out: Path, **overrides: Any) -
                     "init_args": {"save_dir": str(out), "name": "logs", "version": ""},
                 }
             ],
-            "callbacks": [{"class_path": "tests.integration._cli_helpers.RunRecorder"}],
+            "callbacks": [{"class_path": "tests.helpers.cli.RunRecorder"}],
         },
         "longact": {"top_ratio": 0.3, "mode": "high"},
         "checkpoint": {"dirpath": str(out / "checkpoints"), "every_n_train_steps": 1},
@@ -107,7 +107,7 @@ def write_run_config(path: Path, model_dir: Path, out: Path, **overrides: Any) -
             "prompts_per_step": 2,
             "max_new_tokens": 8,
             "dynamic_sampling": False,
-            "reward": "tests.integration._cli_helpers:logged_reward",
+            "reward": "tests.helpers.cli:logged_reward",
         },
     }
     for dotted, value in overrides.items():
