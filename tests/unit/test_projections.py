@@ -19,6 +19,9 @@ def test_one_q_and_one_k_per_layer_with_gqa_shapes(arch):
     k = next(p for p in projections if p.kind == "k")
     assert q.channels == 64
     assert k.channels == (64 if arch == "gpt_neox" else 32)  # GQA: 2 kv heads x 16
+    # per-head selection needs each projection's own head count: keys have the KV heads, not the query heads
+    assert (q.num_heads, q.head_dim) == (4, 16)
+    assert (k.num_heads, k.head_dim) == ((4, 16) if arch == "gpt_neox" else (2, 16))
     if q.module_name == k.module_name:  # fused: query and key rows are disjoint parts of one matrix
         assert len(set(q.rows.tolist()) | set(k.rows.tolist())) == q.channels + k.channels
 

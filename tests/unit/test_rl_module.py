@@ -3,6 +3,8 @@ argument validation, and a seeded learning test (reward of "emit token X" rises)
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
@@ -128,6 +130,22 @@ def test_dapo_gradient_equals_independent_full_logits_formula(tiny_model_dir, mi
         torch.testing.assert_close(captured[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_each_optimizer_step_sees_only_its_own_gradient(tiny_model_dir):
+    # the same batch twice, at a learning rate too small to change a float32 weight: both steps' gradients are equal
+    # unless one leaks into the next
+    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=1e-30, micro_batch_size=6)
+    grads = []
+
+    class Capture(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.append(pl_module.policy.model.layers[0].self_attn.q_proj.weight.grad.clone())
+
+    batch = _random_batch(seed=1)
+    _trainer(2, [Capture()]).fit(module, datamodule=_FixedBatches([batch, batch]))
+    assert len(grads) == 2 and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0)
+
+
 def test_batches_are_pulled_only_after_the_previous_optimizer_step(tiny_model_dir):
     """`training_step(dataloader_iter)` => no prefetch: batch k is generated when global_step == k (on-policy)."""
     datamodule = _FixedBatches([_random_batch(seed=s) for s in range(3)])
@@ -211,6 +229,18 @@ def test_bad_arguments_fail_early_with_the_value_and_the_fix(tiny_model_dir, kwa
     args = {"model": tiny_model_dir, "tokenizer": TOKENIZER, **kwargs}
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         RLPolicyModule(**args)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+def test_dr_grpo_advantages_are_centred_rewards_without_std_scaling(tiny_model_dir, loss_type):
+    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type=loss_type, max_completion_length=8)
+    module.trainer = SimpleNamespace(world_size=1)
+    batch = _random_batch(0)
+    _, advantages = module._share_of_step(batch)
+    rewards = batch.rewards.view(2, 3)  # [groups, G]
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    scale = rewards.std(-1, keepdim=True) + module.hparams.advantage_eps if loss_type == "grpo" else 1.0
+    torch.testing.assert_close(advantages, (centred / scale).flatten())
 
 
 def test_reference_model_is_built_only_when_beta_is_positive(tiny_model_dir):

@@ -152,6 +152,25 @@ def test_rows_leaving_the_selection_on_refresh_stop_moving_at_once():
     assert left_selection > 0, "the refresh never froze a previously trainable row: the test proves nothing"
 
 
+def test_a_refresh_measures_its_own_window_and_blends_scores_by_ema():
+    longact = LongAct(top_ratio=0.3, refresh_every_n_steps=2, ema=0.25)
+    seen = []
+    select = longact._select
+
+    def recording_select():
+        fresh = {k: (stats.count.item(), stats.value(longact.statistic).clone()) for k, stats in longact.stats.items()}
+        select()
+        seen.append((fresh, {k: v.clone() for k, v in longact.scores.items()}))
+
+    longact._select = recording_select
+    _trainer(4, [longact]).fit(LMModule(tiny_model("llama_gqa")), DataLoader(random_lm_batches(4), batch_size=None))
+    (first_fresh, first_scores), (second_fresh, second_scores) = seen  # selections at steps 0 and 2
+    real_tokens = 3 * 24 + 12  # one batch of random_lm_batches: 4 rows of 24, one half padding
+    for key, (count, fresh) in second_fresh.items():
+        assert count == first_fresh[key][0] == real_tokens  # step 2's tokens only: the window was reset
+        torch.testing.assert_close(second_scores[key], 0.25 * first_scores[key] + 0.75 * fresh)
+
+
 def test_refresh_clears_optimizer_moments_of_newly_frozen_rows():
     longact = LongAct(top_ratio=0.3, mode="random", refresh_every_n_steps=3, seed=2)
     module = LMModule(tiny_model("llama_gqa"))
@@ -196,6 +215,25 @@ def test_resume_restores_masks_and_statistics_and_keeps_rows_frozen(tmp_path):
         name = f"model.{proj.weight_name}"
         frozen = proj.rows[~resumed.channel_masks[f"{name}:{proj.kind}"]]
         assert torch.equal(module.state_dict()[name][frozen], initial[proj.weight_name][frozen]), name
+
+
+def test_standalone_row_mask_resumes_its_masks_from_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    module = LMModule(tiny_model("llama_gqa"), weight_decay=0.0)
+    name = next(n for n, _ in module.named_parameters() if n.endswith("layers.0.self_attn.q_proj.weight"))
+    trainable = torch.arange(64) < 16
+    batches = random_lm_batches(4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(2, [GradientRowMask({name: trainable}), ckpt], enable_checkpointing=True).fit(
+        module, DataLoader(batches[:2], batch_size=None)
+    )
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"][name]
+
+    resumed = LMModule(tiny_model("llama_gqa", seed=5), weight_decay=0.0)
+    _trainer(4, [GradientRowMask()]).fit(resumed, DataLoader(batches, batch_size=None), ckpt_path=tmp_path / "last.ckpt")
+    after = dict(resumed.named_parameters())[name].detach()
+    assert torch.equal(after[~trainable], saved[~trainable])  # the mask came back with the checkpoint
+    assert not torch.equal(after[trainable], saved[trainable])
 
 
 def test_standalone_callbacks_must_be_ordered():
