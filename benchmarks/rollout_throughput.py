@@ -15,7 +15,6 @@ import os
 import statistics
 import time
 
-
 from benchmarks._machine import record
 from longact_lightning.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 from longact_lightning.rollout import HFEngine, SamplingConfig, VLLMEngine

@@ -28,7 +28,8 @@ def summarize(name: str, result: dict) -> str:
     heap = [h for h in result["heap_mb"] if h is not None]
     in_use = "; glibc heap in use / free but held after each step (MB) " + ", ".join(f"{u}/{f}" for u, f in heap)
     return (
-        f"{name}: RSS after each step (MB) " + ", ".join(str(r) for r in rss)
+        f"{name}: RSS after each step (MB) "
+        + ", ".join(str(r) for r in rss)
         + f"; growth over steps {half + 1}-{len(rss)}: **{growth:.0f} MB per step**; peak RSS "
         f"**{result['peak_rss_mb']} MB**; median step {statistics.median(result['step_s'][1:]):.1f} s"
         + (in_use if heap else "")

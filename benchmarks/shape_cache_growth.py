@@ -85,8 +85,19 @@ def main() -> None:
             f"{MIN_ROWS + args.distinct - 1} ({args.distinct} distinct) where they vary; heap in use after every "
             f"{args.every} iterations"]  # fmt: skip
     for name, (kind, vary, env) in ARMS.items():
-        command = [sys.executable, "-m", "benchmarks.shape_cache_growth", "--arm", kind, "--iterations",
-                   str(args.iterations), "--distinct", str(args.distinct), "--every", str(args.every)]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.shape_cache_growth",
+            "--arm",
+            kind,
+            "--iterations",
+            str(args.iterations),
+            "--distinct",
+            str(args.distinct),
+            "--every",
+            str(args.every),
+        ]
         if not vary:
             command.append("--fixed")
         out = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout

@@ -54,7 +54,8 @@ def summarize(name: str, result: dict, peak: float) -> str:
         f"%** of the step, target <= 5 %; generate {generate:.1f} s; rewards and collation {rest:.2f}"
         f" s) + train {train:.1f} s; train phase {tokens / train:.0f} tok/s, {flops / 1e12:.2f} TFLOP per step, "
         f"**MFU {100 * statistics.median(mfus):.0f} % of the bf16 peak** (target >= 35 %; per step "
-        + ", ".join(f"{100 * m:.0f}" for m in mfus) + ")"
+        + ", ".join(f"{100 * m:.0f}" for m in mfus)
+        + ")"
     )
 
 

@@ -20,7 +20,8 @@ from longact_lightning.models import EMBEDDED_MODEL, load_causal_lm, load_tokeni
 
 TEXTS = [
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 8
-    + f"One of the special magic numbers for the archive is: {n}." for n in (4817263, 9021734, 3310958, 7745120)
+    + f"One of the special magic numbers for the archive is: {n}."
+    for n in (4817263, 9021734, 3310958, 7745120)
 ]
 
 

@@ -16,4 +16,3 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(1)
-    yield

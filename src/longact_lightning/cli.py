@@ -29,7 +29,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
     "max_epochs": -1,
     "logger": [
-        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "longact"}},
+        {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "longact"},
+        },
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "longact"}},
     ],
 }

@@ -93,9 +93,7 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_causal_lm(
-    name_or_path: str, dtype: str | torch.dtype = "float32", rope_scaling: dict | None = None, **kwargs
-):
+def load_causal_lm(name_or_path: str, dtype: str | torch.dtype = "float32", rope_scaling: dict | None = None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` on a resolved name, with a clear error for a missing local path.
 
     ``rope_scaling`` (e.g. ``{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}``) is

@@ -197,8 +197,12 @@ def run_worker_ranks(module: str, args: list[str], out: Path, world: int = 2, ti
         port = str(s.getsockname()[1])
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", module, str(rank), port, *args], cwd=ROOT, env=subprocess_env(out),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", module, str(rank), port, *args],
+            cwd=ROOT,
+            env=subprocess_env(out),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for rank in range(world)
     ]

@@ -6,9 +6,10 @@ import lightning.pytorch as pl
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Phi3Config, Qwen3Config
 
-_COMMON = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=96, pad_token_id=0, eos_token_id=1, bos_token_id=2
-)
+_COMMON = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 96, "pad_token_id": 0,
+    "eos_token_id": 1, "bos_token_id": 2,
+}  # fmt: skip
 
 TINY_CONFIGS = {
     "llama_gqa": lambda: LlamaConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2),

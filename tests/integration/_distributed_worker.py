@@ -164,9 +164,17 @@ def run(strategy_name: str, out: Path, steps: int, callback: str = "longact") ->
     longact = LongAct(top_ratio=0.3) if callback == "longact" else GradientRowMask(explicit)
     grad_check = GradCheck(strategy_name, longact.row_mask if callback == "longact" else longact)
     trainer = pl.Trainer(
-        strategy=_strategy(strategy_name), accelerator="cpu", devices=2, num_nodes=1, max_steps=steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[longact, grad_check], use_distributed_sampler=True,
+        strategy=_strategy(strategy_name),
+        accelerator="cpu",
+        devices=2,
+        num_nodes=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[longact, grad_check],
+        use_distributed_sampler=True,
     )
     start = time.perf_counter()
     trainer.fit(module, DataLoader(batches, batch_size=None))
@@ -174,8 +182,13 @@ def run(strategy_name: str, out: Path, steps: int, callback: str = "longact") ->
     rank, world = trainer.global_rank, trainer.world_size
 
     failures: list[str] = []
-    diagnostics: dict[str, object] = {"rank": rank, "world_size": world, "fit_seconds": round(fit_seconds, 2),
-                                      "global_step": trainer.global_step, "strategy": type(trainer.strategy).__name__}
+    diagnostics: dict[str, object] = {
+        "rank": rank,
+        "world_size": world,
+        "fit_seconds": round(fit_seconds, 2),
+        "global_step": trainer.global_step,
+        "strategy": type(trainer.strategy).__name__,
+    }
     if trainer.global_step != steps:
         failures.append(f"trained {trainer.global_step} steps, expected {steps}")
     failures += grad_check.failures
@@ -188,7 +201,9 @@ def run(strategy_name: str, out: Path, steps: int, callback: str = "longact") ->
     q0 = local_params[f"model.{projections[0].weight_name}"]
     diagnostics["q0_param_type"] = type(q0.data).__name__
     diagnostics["q0_param_shape"] = list(q0.shape)
-    diagnostics["q0_local_shape"] = list((q0.data._local_tensor if hasattr(q0.data, "_local_tensor") else q0.data).shape)
+    diagnostics["q0_local_shape"] = list(
+        (q0.data._local_tensor if hasattr(q0.data, "_local_tensor") else q0.data).shape
+    )
     norm = local_params["model.model.norm.weight"].data
     diagnostics["final_norm_local_shape"] = list((norm._local_tensor if hasattr(norm, "_local_tensor") else norm).shape)
 
@@ -228,8 +243,10 @@ def run(strategy_name: str, out: Path, steps: int, callback: str = "longact") ->
         frozen, selected = proj.rows[~channel_mask], proj.rows[channel_mask]
         moved = (after[frozen] != before[frozen]).any(dim=1)
         if moved.any():
-            failures.append(f"{key}: frozen rows {frozen[moved].tolist()} moved (max |diff| "
-                            f"{float((after[frozen] - before[frozen]).abs().max()):.3g})")
+            failures.append(
+                f"{key}: frozen rows {frozen[moved].tolist()} moved (max |diff| "
+                f"{float((after[frozen] - before[frozen]).abs().max()):.3g})"
+            )
         still = ~(after[selected] != before[selected]).any(dim=1)
         if still.any():
             failures.append(f"{key}: selected rows {selected[still].tolist()} did not move")
@@ -247,7 +264,9 @@ def run(strategy_name: str, out: Path, steps: int, callback: str = "longact") ->
         },
         out / f"rank{rank}.pt",
     )
-    (out / f"rank{rank}.json").write_text(json.dumps({"ok": not failures, "failures": failures, **diagnostics}, indent=1))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps({"ok": not failures, "failures": failures, **diagnostics}, indent=1)
+    )
 
 
 def main() -> None:

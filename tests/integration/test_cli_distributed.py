@@ -120,8 +120,13 @@ def _one_process_step(
     from tests.helpers.cli import ReplayBatches
 
     module = RLPolicyModule(
-        model=str(model_dir), loss_type="dapo", lr=1e-2, weight_decay=0.1, micro_batch_size=micro_batch_size,
-        max_grad_norm=1.0, share_prompt=share_prompt,
+        model=str(model_dir),
+        loss_type="dapo",
+        lr=1e-2,
+        weight_decay=0.1,
+        micro_batch_size=micro_batch_size,
+        max_grad_norm=1.0,
+        share_prompt=share_prompt,
     )
     longact = LongAct(top_ratio=0.3, mode="high")
     trainer = Trainer(

@@ -153,7 +153,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     proc.send_signal(signal.SIGTERM)
     returncode = proc.wait(timeout=120)
     seconds = time.perf_counter() - start
-    assert returncode == 128 + signal.SIGTERM, f"exit code {returncode}: expected 143 (handled SIGTERM, checkpoint saved)"
+    assert returncode == 128 + signal.SIGTERM, (
+        f"exit code {returncode}: expected 143 (handled SIGTERM, checkpoint saved)"
+    )
     saved = sorted(path.name for path in ckpt_dir.iterdir())
     assert "last.ckpt" in saved, saved
     last = _load(ckpt_dir / "last.ckpt")

@@ -7,7 +7,8 @@ steps and checks the invariant itself; the test reads both ranks' verdicts and c
 What runs where (Lightning 2.6.6, torch 2.13 CPU):
 
 * ``strategy="ddp"``: supported on CPU; full tensors.
-* ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``): supported on CPU/gloo; row-sharded DTensors.
+* ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``): supported on CPU/gloo, row-sharded
+  DTensors.
 * ``FSDPStrategy`` (FSDP1): **refused on CPU by Lightning** (see :func:`test_lightning_fsdp_strategy_refuses_cpu`),
   and torch's FSDP1 needs ``device_id=torch.device("cpu")``, which Lightning never passes on CPU. The worker uses
   :class:`tests.helpers.cli.CPUFSDPStrategy`, a test-only subclass that wraps with that ``device_id``,
@@ -38,16 +39,32 @@ QK_PROJECTIONS = 4  # tiny Llama-GQA: 2 layers x (q, k)
 
 def _launch(strategy: str, out: Path, callback: str = "longact") -> tuple[list[dict], list[str], float]:
     """Run the worker on ``WORLD`` CPU processes; return each rank's verdict, each rank's error text, seconds."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "tests.integration._distributed_worker", "--strategy", strategy,
-           "--callback", callback, "--out", str(out), "--steps", str(STEPS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.integration._distributed_worker",
+        "--strategy",
+        strategy,
+        "--callback",
+        callback,
+        "--out",
+        str(out),
+        "--steps",
+        str(STEPS),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - start
     errors = [(out / f"rank{r}.error.txt").read_text() for r in range(WORLD) if (out / f"rank{r}.error.txt").exists()]
-    verdicts = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD) if (out / f"rank{r}.json").exists()]
+    verdicts = [
+        json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD) if (out / f"rank{r}.json").exists()
+    ]
     if proc.returncode != 0 and not errors:
         errors.append(f"exit code {proc.returncode}\n{proc.stderr[-4000:]}")
     return verdicts, errors, seconds
@@ -129,7 +146,8 @@ def test_lightning_fsdp_strategy_refuses_cpu():
 
 @pytest.mark.parametrize(("start", "numel"), [(0, 35), (10, 13), (7, 0), (28, 7), (3, 1)])
 def test_flat_shard_elements_match_flattened_row_mask(start, numel):
-    """FSDP1 mapping, pure: local element indices = positions of frozen rows in the flattened slice, partial rows too."""
+    """FSDP1 mapping, pure: local element indices = positions of frozen rows in the flattened slice (partial rows
+    too)."""
     shape = torch.Size([5, 7])
     selected = torch.tensor([True, False, True, True, False])
     index = _flat_shard_elements(FlatShard(shape=shape, start=start, numel=numel), selected)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -46,7 +46,7 @@ def profile_dir(tmp_path_factory):
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def direct_mean_abs(task: str, length: int) -> dict[tuple[int, str], np.ndarray]:
     """``{(layer, kind): [channels] mean |activation|}`` from one unpadded forward per prompt."""
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
@@ -56,8 +56,10 @@ def direct_mean_abs(task: str, length: int) -> dict[tuple[int, str], np.ndarray]
     handles = []
     for layer, block in enumerate(model.model.layers):
         for kind in ("q", "k"):
+
             def hook(module, args, output, key=(layer, kind)):
                 sums[key] = sums.get(key, 0) + output[0].double().abs().sum(0)  # [T, C] -> [C]
+
             handles.append(getattr(block.self_attn, f"{kind}_proj").register_forward_hook(hook))
     with torch.no_grad():
         for record in RulerSource(task, length, tokenizer, num_samples=NUM_SAMPLES, seed=SEED):
@@ -109,7 +111,7 @@ def test_profile_writes_figures_and_tables(profile_dir):
     assert len(mask["model.layers.0.self_attn.k_proj.weight:k"]) == round(0.3 * 192)
 
 
-@pytest.mark.parametrize("task,context", [("niah_single_1", "long"), ("fwe", "short")])
+@pytest.mark.parametrize(("task", "context"), [("niah_single_1", "long"), ("fwe", "short")])
 def test_table_matches_direct_computation(profile_dir, task, context):
     direct = direct_mean_abs(task, LENGTHS[context])
     rows = {

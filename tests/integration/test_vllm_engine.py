@@ -103,7 +103,6 @@ def test_synced_engine_serves_the_perturbed_policy(engine, policy, prompt_ids):
         assert diff.max() < ATOL, (temperature, diff.max())
 
 
-
 def test_rope_scaling_in_the_engine_matches_the_trainers(prompt_ids):
     """YaRN given to both sides (trainer: ``rope_scaling``; vLLM: ``hf_overrides``) gives the same log-probs, other
     than the unscaled model's; an engine without it is refused."""

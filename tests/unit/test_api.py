@@ -11,9 +11,12 @@ from longact_lightning.rl.module import RLPolicyModule
 
 
 def test_top_level_exports_the_public_classes_and_the_version():
-    from longact_lightning import ActivationSaliency as A, GradientRowMask as G, LongAct as L  # noqa: N817
-    from longact_lightning import RLPolicyModule as M, RolloutDataModule as D  # noqa: N817
+    from longact_lightning import ActivationSaliency as A  # noqa: N817
+    from longact_lightning import GradientRowMask as G
+    from longact_lightning import LongAct as L
+    from longact_lightning import RLPolicyModule as M  # noqa: N817
+    from longact_lightning import RolloutDataModule as D
 
-    assert (A, G, L, M, D) == (ActivationSaliency, GradientRowMask, LongAct, RLPolicyModule, RolloutDataModule)
+    assert (ActivationSaliency, GradientRowMask, LongAct, RLPolicyModule, RolloutDataModule) == (A, G, L, M, D)
     assert longact_lightning.__version__ == version("longact-lightning")
     assert all(hasattr(longact_lightning, name) for name in longact_lightning.__all__)

@@ -1,4 +1,4 @@
-"""RankSafeCheckpoint's own argument (its multi-rank behaviour is tested in tests/integration/test_cli_distributed.py)."""
+"""RankSafeCheckpoint's own argument (its multi-rank behaviour: tests/integration/test_cli_distributed.py)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,9 @@ def records(*kinds: tuple[float, ...], prompt: str = "Where is the needle?") -> 
 
 
 def make(tokenizer, source, **kwargs) -> tuple[RolloutDataModule, FakeEngine]:
-    options = dict(group_size=2, prompts_per_step=2, max_new_tokens=16, reward=reward_from_metadata, engine="hf")
+    options = {
+        "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 16, "reward": reward_from_metadata, "engine": "hf"
+    }  # fmt: skip
     dm = RolloutDataModule(source, **{**options, **kwargs})
     dm._tokenizer = tokenizer
     engine = FakeEngine(tokenizer)

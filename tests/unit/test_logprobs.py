@@ -169,7 +169,6 @@ def test_grouped_falls_back_to_plain_for_attention_without_4d_masks(monkeypatch)
     assert grouped_completion_logprobs(model, ids, mask, C, groups) == "plain"
 
 
-
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk", [1, 5, 7, 100])
 def test_vocabulary_in_chunks_gives_the_unchunked_values_and_gradients(chunk, temperature):

@@ -16,8 +16,15 @@ from tests.helpers.models import TINY_CONFIGS, LMModule, random_lm_batches, tiny
 
 def _fit(module, callbacks, steps=20, **trainer_kwargs):
     trainer = pl.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **trainer_kwargs,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **trainer_kwargs,
     )
     trainer.fit(module, DataLoader(random_lm_batches(steps), batch_size=None))
     return trainer
@@ -38,14 +45,18 @@ def test_unselected_rows_bit_identical_selected_rows_and_others_move(arch):
     for proj in projections:
         name = f"model.{proj.weight_name}"
         channel_mask = longact.channel_masks[f"{name}:{proj.kind}"]
-        assert int(channel_mask.sum()) == round(0.3 * proj.channels) or int(channel_mask.sum()) == int(0.3 * proj.channels + 0.5)
+        assert int(channel_mask.sum()) == round(0.3 * proj.channels) or int(channel_mask.sum()) == int(
+            0.3 * proj.channels + 0.5
+        )
         rows = qk_rows.setdefault(name, torch.zeros(module.state_dict()[name].shape[0], dtype=torch.bool))
         rows[proj.rows] = True
         after, before = module.state_dict()[name], initial[name]
         frozen = proj.rows[~channel_mask]
         selected = proj.rows[channel_mask]
         assert torch.equal(after[frozen], before[frozen]), f"{name}: a frozen {proj.kind} row moved"
-        assert (after[selected] != before[selected]).any(dim=1).all(), f"{name}: a selected {proj.kind} row did not move"
+        assert (after[selected] != before[selected]).any(dim=1).all(), (
+            f"{name}: a selected {proj.kind} row did not move"
+        )
         if proj.bias_name:
             bias = f"model.{proj.bias_name}"
             assert torch.equal(module.state_dict()[bias][frozen], initial[bias][frozen])

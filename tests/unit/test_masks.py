@@ -5,12 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longact_lightning.saliency import channel_units, find_qk_projections, jaccard, num_selected, row_masks, select_channels
+from longact_lightning.saliency import (
+    channel_units,
+    find_qk_projections,
+    jaccard,
+    num_selected,
+    row_masks,
+    select_channels,
+)
 from longact_lightning.saliency.masks import validate_selection
 from tests.helpers.models import tiny_model
 
 
-@pytest.mark.parametrize(("units", "ratio", "expected"), [(64, 0.3, 19), (32, 0.3, 10), (10, 0.25, 3), (10, 0.05, 1), (7, 1.0, 7)])
+@pytest.mark.parametrize(
+    ("units", "ratio", "expected"), [(64, 0.3, 19), (32, 0.3, 10), (10, 0.25, 3), (10, 0.05, 1), (7, 1.0, 7)]
+)
 def test_num_selected_rounds_half_up(units, ratio, expected):
     assert num_selected(units, ratio) == expected
 
@@ -79,7 +88,14 @@ def test_jaccard():
     assert jaccard(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)) == 1.0
 
 
-@pytest.mark.parametrize(("ratio", "mode", "gran", "match"), [(0.0, "high", "channel", "top_ratio=0.0"), (0.3, "top", "channel", "mode='top'"), (0.3, "high", "row", "granularity='row'")])
+@pytest.mark.parametrize(
+    ("ratio", "mode", "gran", "match"),
+    [
+        (0.0, "high", "channel", "top_ratio=0.0"),
+        (0.3, "top", "channel", "mode='top'"),
+        (0.3, "high", "row", "granularity='row'"),
+    ],
+)
 def test_validation_names_the_bad_value(ratio, mode, gran, match):
     with pytest.raises(ValueError, match=match):
         validate_selection(ratio, mode, gran)

@@ -8,8 +8,8 @@ import torch
 
 from longact_lightning.rl.logprobs import grouped_completion_logprobs
 from longact_lightning.rl.precision import autocast_weights_once
-from tests.helpers.models import tiny_model
 from tests.helpers.batches import C, P, two_groups_of_three
+from tests.helpers.models import tiny_model
 
 
 def _two_steps_of_two_micro_batches(cast_once: bool) -> list[torch.Tensor]:

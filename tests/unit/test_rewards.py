@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from longact_lightning.data.records import PromptRecord
 from longact_lightning.data import rewards
+from longact_lightning.data.records import PromptRecord
 from longact_lightning.data.rewards import (
     SafeReward,
     contains_match,

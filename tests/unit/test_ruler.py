@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 
 from longact_lightning.data.records import PromptRecord
+from longact_lightning.data.rewards import string_match_all
 from longact_lightning.data.ruler import (
     NIAH_ANSWER_PREFIX,
     NIAH_TEMPLATE,
@@ -25,7 +26,6 @@ from longact_lightning.data.ruler import (
     singular,
     zeta,
 )
-from longact_lightning.data.rewards import string_match_all
 
 TARGET = 1024
 
@@ -57,8 +57,12 @@ def test_singular_rewrite_matches_reference_string():
 
 @pytest.mark.parametrize(
     ("task", "type_v"),
-    [("niah_single_1", "number"), ("niah_multikey_2", "number"), ("niah_multikey_3", "uuid"),
-     ("niah_single_3_noise", "uuid")],
+    [
+        ("niah_single_1", "number"),
+        ("niah_multikey_2", "number"),
+        ("niah_multikey_3", "uuid"),
+        ("niah_single_3_noise", "uuid"),
+    ],
 )
 def test_single_needle_prompts_are_the_official_singular_text(records, task, type_v):
     for record in records[task]:
@@ -115,7 +119,7 @@ def test_variable_tracking_prompt_icl_and_chain(records):
         )
         head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
         assert record.prompt.startswith(head) and record.prompt.count(head) == 2  # one-shot example, then the task
-        icl, task_text = record.prompt[: record.prompt.rindex(head)], record.prompt[record.prompt.rindex(head):]
+        icl, task_text = record.prompt[: record.prompt.rindex(head)], record.prompt[record.prompt.rindex(head) :]
         icl_value = re.search(r"Answer: .* assigned the value (\d{5}), they are:  ([A-Z]{3}( [A-Z]{3}){4})\n$", icl)
         assert icl_value is not None and icl_value.group(1) != value and "12345" not in icl
         question = f"\nQuestion: Find all variables that are assigned the value {value} in the text above."
@@ -141,7 +145,7 @@ def test_common_words_prompt_and_answers(records):
         real_list = record.prompt[record.prompt.rindex("Memorize the ones that appear most often.\n") :]
         counts = Counter(re.findall(r"\d+\. (\S+)", real_list.split("\n")[1]))
         assert all(counts[word] == 6 for word in record.answers)  # < 4096: common words repeat 6 times
-        assert set(word for word, _ in counts.most_common(10)) == set(record.answers)
+        assert {word for word, _ in counts.most_common(10)} == set(record.answers)
         assert max(c for w, c in counts.items() if w not in record.answers) == 1
 
 
@@ -168,9 +172,12 @@ def test_prompt_length_within_band(records, tokenizer, task):
     low, mean_low = (0.75, 0.85) if task == "fwe" else (0.85, 0.95)
     totals = []
     for record in records[task]:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": record.prompt}], tokenize=False, add_generation_prompt=True
-        ) + record.answer_prefix
+        text = (
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": record.prompt}], tokenize=False, add_generation_prompt=True
+            )
+            + record.answer_prefix
+        )
         num_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         assert num_tokens == record.metadata["num_tokens"]
         totals.append(num_tokens + TASKS[task].tokens_to_generate)
@@ -203,7 +210,12 @@ def test_official_flag_and_metadata(records):
         assert record.metadata["official"] is (not task.endswith("_noise"))
         assert record.metadata["target_length"] == TARGET
     assert {t for t, s in TASKS.items() if s.official} == {
-        "niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe", "fwe"
+        "niah_single_1",
+        "niah_multikey_2",
+        "niah_multikey_3",
+        "vt",
+        "cwe",
+        "fwe",
     }
 
 

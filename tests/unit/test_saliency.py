@@ -19,8 +19,14 @@ from tests.helpers.models import LMModule, random_lm_batches, tiny_model
 
 def _trainer(steps, callbacks, **kwargs):
     return pl.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks, **{"enable_checkpointing": False, **kwargs},
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **{"enable_checkpointing": False, **kwargs},
     )
 
 
@@ -35,7 +41,11 @@ def test_channel_stats_exclude_padding_bit_exactly():
         else:
             pad = torch.full((1, 3, 6), 1e6)  # huge values: any leak would dominate
             x = torch.cat([pad, seq], 1) if layout == "left" else torch.cat([seq, pad], 1)
-            m = torch.cat([torch.zeros(1, 3), torch.ones(1, 5)], 1) if layout == "left" else torch.cat([torch.ones(1, 5), torch.zeros(1, 3)], 1)
+            m = (
+                torch.cat([torch.zeros(1, 3), torch.ones(1, 5)], 1)
+                if layout == "left"
+                else torch.cat([torch.ones(1, 5), torch.zeros(1, 3)], 1)
+            )
             s.update(x, m)
         stats[layout] = s
     for statistic in ("mean_abs", "rms", "max_abs"):
@@ -140,13 +150,17 @@ def test_rows_leaving_the_selection_on_refresh_stop_moving_at_once():
     torch.manual_seed(0)
     longact = LongAct(top_ratio=0.3, mode="random", refresh_every_n_steps=4, seed=1)
     recorder = _RecordQK(longact)
-    _trainer(13, [longact, recorder]).fit(LMModule(tiny_model("llama_gqa")), DataLoader(random_lm_batches(13), batch_size=None))
+    _trainer(13, [longact, recorder]).fit(
+        LMModule(tiny_model("llama_gqa")), DataLoader(random_lm_batches(13), batch_size=None)
+    )
     assert longact.selections == 4  # steps 0, 4, 8, 12
     left_selection = 0
     for i, step in enumerate(recorder.steps):
         for name, mask in step["masks"].items():
             frozen = ~mask
-            assert torch.equal(step["after"][name][frozen], step["before"][name][frozen]), f"step {i}: frozen row of {name} moved"
+            assert torch.equal(step["after"][name][frozen], step["before"][name][frozen]), (
+                f"step {i}: frozen row of {name} moved"
+            )
             if i > 0 and name in recorder.steps[i - 1]["masks"]:
                 left_selection += int((recorder.steps[i - 1]["masks"][name] & frozen).sum())
     assert left_selection > 0, "the refresh never froze a previously trainable row: the test proves nothing"
@@ -230,7 +244,9 @@ def test_standalone_row_mask_resumes_its_masks_from_the_checkpoint(tmp_path):
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"][name]
 
     resumed = LMModule(tiny_model("llama_gqa", seed=5), weight_decay=0.0)
-    _trainer(4, [GradientRowMask()]).fit(resumed, DataLoader(batches, batch_size=None), ckpt_path=tmp_path / "last.ckpt")
+    _trainer(4, [GradientRowMask()]).fit(
+        resumed, DataLoader(batches, batch_size=None), ckpt_path=tmp_path / "last.ckpt"
+    )
     after = dict(resumed.named_parameters())[name].detach()
     assert torch.equal(after[~trainable], saved[~trainable])  # the mask came back with the checkpoint
     assert not torch.equal(after[trainable], saved[trainable])
@@ -240,7 +256,9 @@ def test_standalone_callbacks_must_be_ordered():
     mask = GradientRowMask()
     saliency = ActivationSaliency(row_mask=mask)
     with pytest.raises(ValueError, match="must come before its GradientRowMask"):
-        _trainer(1, [mask, saliency]).fit(LMModule(tiny_model("llama_gqa")), DataLoader(random_lm_batches(1), batch_size=None))
+        _trainer(1, [mask, saliency]).fit(
+            LMModule(tiny_model("llama_gqa")), DataLoader(random_lm_batches(1), batch_size=None)
+        )
 
 
 def test_mask_for_unknown_parameter_is_a_clear_error():

@@ -53,4 +53,3 @@ def test_fsdp2_needs_the_decoder_layer_classes():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="names no decoder layer class in `_no_split_modules`"):
         fully_shard_decoder_layers(model, mesh=None)
-

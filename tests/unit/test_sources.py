@@ -25,11 +25,20 @@ def test_jsonl_maps_columns(tmp_path):
             json.dumps({"question": "Colour of the sky?", "gold": ["blue", "azure"], "split": "dev"}),
         ],
     )
-    source = JsonlSource(str(path), prompt_column="question", answer_column="gold", metadata_columns=["split"],
-                         task="arith", answer_prefix=" Answer:")
+    source = JsonlSource(
+        str(path),
+        prompt_column="question",
+        answer_column="gold",
+        metadata_columns=["split"],
+        task="arith",
+        answer_prefix=" Answer:",
+    )
     records = list(source)
     assert records[0] == PromptRecord(
-        prompt="2+2?", answers=("4",), task="arith", answer_prefix=" Answer:",
+        prompt="2+2?",
+        answers=("4",),
+        task="arith",
+        answer_prefix=" Answer:",
         metadata={"split": "dev", "source": str(path), "line": 1},
     )
     assert records[1].answers == ("blue", "azure")
@@ -47,7 +56,7 @@ def test_malformed_jsonl_line_warns_with_line_number_and_is_skipped(tmp_path):
             json.dumps(["not", "an", "object"]),  # line 6
         ],
     )
-    with pytest.warns(UserWarning) as caught:
+    with pytest.warns(UserWarning, match="skipped") as caught:
         records = list(JsonlSource(str(path)))
     messages = [str(w.message) for w in caught]
     assert any(f"{path}:3: skipped, not valid JSON" in m for m in messages)
@@ -67,7 +76,7 @@ def test_empty_jsonl_fails_on_first_pull_naming_source_and_fix(tmp_path):
 
 def test_all_rows_bad_is_also_empty(tmp_path):
     path = _write_lines(tmp_path / "bad.jsonl", ["{oops", json.dumps({"text": "x"})])
-    with pytest.warns(UserWarning), pytest.raises(EmptySourceError, match="bad.jsonl"):
+    with pytest.warns(UserWarning, match="skipped"), pytest.raises(EmptySourceError, match="bad.jsonl"):
         next(iter(JsonlSource(str(path))))
 
 
@@ -81,8 +90,13 @@ def test_parquet_through_load_dataset(tmp_path):
     pq.write_table(
         pa.table({"text": ["p0", "p1", None], "label": [["x"], ["y", "z"], ["w"]], "level": [1, 2, 3]}), path
     )
-    source = HFDatasetSource(str(path), prompt_column="text", answer_column="label", metadata_columns=["level"],
-                             load_kwargs={"cache_dir": str(tmp_path / "cache")})
+    source = HFDatasetSource(
+        str(path),
+        prompt_column="text",
+        answer_column="label",
+        metadata_columns=["level"],
+        load_kwargs={"cache_dir": str(tmp_path / "cache")},
+    )
     with pytest.warns(UserWarning, match=r"row 2: skipped, missing column\(s\) \['text'\]"):
         records = list(source)
     assert [(r.prompt, r.answers, r.metadata["level"], r.metadata["row"]) for r in records] == [
@@ -116,14 +130,24 @@ def test_sources_build_from_lightning_cli_style_config(tmp_path):
     parser = ArgumentParser()
     parser.add_argument("--source", type=PromptSource)
     config = parser.parse_object(
-        {"source": {"class_path": "longact_lightning.data.sources.JsonlSource",
-                    "init_args": {"path": str(path), "prompt_column": "q", "answer_column": "a"}}}
+        {
+            "source": {
+                "class_path": "longact_lightning.data.sources.JsonlSource",
+                "init_args": {"path": str(path), "prompt_column": "q", "answer_column": "a"},
+            }
+        }
     )
     source = parser.instantiate_classes(config).source
     assert isinstance(source, JsonlSource)
     assert [r.answers for r in source] == [("yo",)]
-    ruler = parser.instantiate_classes(parser.parse_object(
-        {"source": {"class_path": "longact_lightning.data.ruler.RulerSource",
-                    "init_args": {"task": "vt", "target_length": 1024, "tokenizer": "smollm2-135m-instruct"}}}
-    )).source
+    ruler = parser.instantiate_classes(
+        parser.parse_object(
+            {
+                "source": {
+                    "class_path": "longact_lightning.data.ruler.RulerSource",
+                    "init_args": {"task": "vt", "target_length": 1024, "tokenizer": "smollm2-135m-instruct"},
+                }
+            }
+        )
+    ).source
     assert (ruler.task, ruler.target_length, ruler.tokenizer) == ("vt", 1024, "smollm2-135m-instruct")

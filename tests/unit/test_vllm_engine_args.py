@@ -76,7 +76,7 @@ def test_what_each_of_8_gpu_ranks_passes_to_vllm(monkeypatch, nodes, gpus, tp):
         seeds = {r: 100 + r for r in range(world)}  # each rank's own sampling seed, as the DataModule derives it
         first = rank - rank % tp
         monkeypatch.setattr(
-            dist, "all_gather_object", lambda out, obj, group: out.__setitem__(slice(None), [seeds[first]] * tp)
+            dist, "all_gather_object", lambda out, obj, group, s=seeds[first]: out.__setitem__(slice(None), [s] * tp)
         )
         monkeypatch.setattr(dist, "get_world_size", lambda group=None: tp)
         engines.append(VLLMEngine(

@@ -84,7 +84,12 @@ class ActivationSaliency(Callback):
             raise ValueError(f"ema={ema} must be in [0, 1).")
         self.top_ratio, self.mode, self.granularity, self.statistic = top_ratio, mode, granularity, statistic
         self.calibration_data = calibration_data
-        self.collect_steps, self.refresh_every_n_steps, self.ema, self.seed = collect_steps, refresh_every_n_steps, ema, seed
+        self.collect_steps, self.refresh_every_n_steps, self.ema, self.seed = (
+            collect_steps,
+            refresh_every_n_steps,
+            ema,
+            seed,
+        )
         self.patterns, self.model_attr, self.row_mask = patterns, model_attr, row_mask
 
         self.projections: list[QKProjection] = []
@@ -108,12 +113,13 @@ class ActivationSaliency(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.row_mask is not None and self.row_mask in trainer.callbacks and self in trainer.callbacks:
-            if trainer.callbacks.index(self.row_mask) < trainer.callbacks.index(self):
-                raise ValueError(
-                    "ActivationSaliency must come before its GradientRowMask in Trainer(callbacks=[...]) so the "
-                    "selection is made before the masks are applied; or use LongAct, which orders them itself."
-                )
+        callbacks, mask = trainer.callbacks, self.row_mask
+        both = mask is not None and mask in callbacks and self in callbacks
+        if both and callbacks.index(mask) < callbacks.index(self):
+            raise ValueError(
+                "ActivationSaliency must come before its GradientRowMask in Trainer(callbacks=[...]) so the "
+                "selection is made before the masks are applied; or use LongAct, which orders them itself."
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -131,7 +137,9 @@ class ActivationSaliency(Callback):
         self._push_masks()  # nothing selected yet: every query/key row stays frozen while collecting
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if not self._collecting and self._is_collection_step(step) and step >= self.collect_steps:
             self._reset_stats()  # a refresh window measures the current policy; the EMA lives in the scores
@@ -257,7 +265,9 @@ class ActivationSaliency(Callback):
             self.scores[key] = fresh if old is None or self.ema == 0 else self.ema * old + (1 - self.ema) * fresh
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.selections * 10_007 + i)
             units = channel_units(proj.num_heads, proj.head_dim, proj.rotary_dim, self.granularity)
-            self.channel_masks[key] = select_channels(self.scores[key], self.top_ratio, self.mode, units=units, generator=generator)
+            self.channel_masks[key] = select_channels(
+                self.scores[key], self.top_ratio, self.mode, units=units, generator=generator
+            )
         self.selections += 1
         self._push_masks()
         self._pending_metrics = self._selection_metrics(previous)
@@ -306,7 +316,9 @@ def _find_hf_model(pl_module: pl.LightningModule, model_attr: str | None) -> tup
     if model_attr is not None:
         model = getattr(pl_module, model_attr, None)
         if not isinstance(model, nn.Module):
-            raise AttributeError(f"model_attr={model_attr!r}: the LightningModule has no nn.Module attribute by that name.")
+            raise AttributeError(
+                f"model_attr={model_attr!r}: the LightningModule has no nn.Module attribute by that name."
+            )
         return model, f"{model_attr}."
     candidates = [
         (clean_name(name), module)
@@ -333,4 +345,3 @@ def _current_token_mask(attention_mask: torch.Tensor | None, shape: torch.Size) 
     if attention_mask is None or attention_mask.shape[0] != shape[0] or attention_mask.shape[1] < shape[1]:
         return None
     return attention_mask[:, attention_mask.shape[1] - shape[1] :]
-

@@ -6,8 +6,8 @@ callback (1) zeroes frozen gradient rows in ``on_before_optimizer_step`` — Lig
 and gradient accumulation, before gradient clipping, so the clip norm is that of the masked gradient — and (2) keeps a
 copy of the frozen rows, taken when they were frozen, and writes it back from an ``optimizer.step()`` post-hook, which
 makes them bit-identical whatever the optimizer, its weight decay, momentum or the precision. (Frozen rows are pinned
-to their values at freezing time; the copy is taken once per mask change, not per step.) When a refresh freezes a row that was trainable,
-its optimizer moments are cleared so stale momentum cannot resume if it is selected again.
+to their values at freezing time; the copy is taken once per mask change, not per step.) When a refresh freezes a row
+that was trainable, its optimizer moments are cleared so stale momentum cannot resume if it is selected again.
 """
 
 from __future__ import annotations
@@ -162,5 +162,7 @@ class GradientRowMask(Callback):
 def _as_row_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
     mask = torch.as_tensor(mask)
     if mask.dim() != 1 or mask.dtype != torch.bool:
-        raise ValueError(f"Mask for {name!r} must be a 1-D bool tensor over rows, got {mask.dtype} {tuple(mask.shape)}.")
+        raise ValueError(
+            f"Mask for {name!r} must be a 1-D bool tensor over rows, got {mask.dtype} {tuple(mask.shape)}."
+        )
     return mask.cpu()

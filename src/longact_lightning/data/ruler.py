@@ -36,7 +36,7 @@ import string
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any, Literal, Protocol
 
@@ -150,7 +150,7 @@ class _Generator(Protocol):
     def initial_size(self, measure: Measure, budget: int) -> int | None: ...
 
 
-@lru_cache(maxsize=None)
+@cache
 def _wordlist(name: str) -> tuple[str, ...]:
     """A wonderwords list (``nounlist.txt`` ...), sorted and deduplicated as RULER uses it."""
     text = resources.files("wonderwords.assets").joinpath(name).read_text(encoding="utf-8")

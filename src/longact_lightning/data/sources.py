@@ -37,7 +37,7 @@ class PromptSource(ABC):
     def __iter__(self) -> Iterator[PromptRecord]:
         """Yield the records; raise :class:`EmptySourceError` if there are none."""
 
-    def connect(self, tokenizer: Any) -> None:
+    def connect(self, tokenizer: Any) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Receive the policy's tokenizer. Sources that do not size or truncate prompts ignore it."""
 
 

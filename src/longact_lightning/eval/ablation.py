@@ -330,7 +330,12 @@ def evaluate_model(
 
 
 def evaluate_export(
-    datamodule: Any, export_dir: str | Path, task: str, target_length: int, num_samples: int, seed: int,
+    datamodule: Any,
+    export_dir: str | Path,
+    task: str,
+    target_length: int,
+    num_samples: int,
+    seed: int,
     max_tokens: int,
 ) -> dict[str, Any]:
     """Held-out accuracy of the exported HF policy, served by the run's own (already started) rollout engine.
@@ -575,10 +580,17 @@ def write_report(out: Path, command: str | None = None) -> list[dict[str, Any]]:
     ]
     for r in rows:
         ci = f" ± {r['heldout_acc_ci95']:.1f}" if r["heldout_acc_ci95"] != "" else ""
-        diff = "" if r["diff_vs_none"] == "" else f"{r['diff_vs_none']:+.1f}" + (
-            f" ± {r['diff_ci95']:.1f}" if r["diff_ci95"] != "" else "")
-        reward = "" if r["reward_last3_mean"] == "" else f"{r['reward_last3_mean']:.3f}" + (
-            f" ± {r['reward_last3_ci95']:.3f}" if r["reward_last3_ci95"] != "" else "")
+        diff = (
+            ""
+            if r["diff_vs_none"] == ""
+            else f"{r['diff_vs_none']:+.1f}" + (f" ± {r['diff_ci95']:.1f}" if r["diff_ci95"] != "" else "")
+        )
+        reward = (
+            ""
+            if r["reward_last3_mean"] == ""
+            else f"{r['reward_last3_mean']:.3f}"
+            + (f" ± {r['reward_last3_ci95']:.3f}" if r["reward_last3_ci95"] != "" else "")
+        )
         lines.append(
             f"| {r['arm']} | {r['seeds']} | {r['heldout_acc_mean']:.1f}{ci} | {r['per_seed']} | {diff or '—'} | "
             f"{r['paired_t'] if r['paired_t'] != '' else '—'} | {r['p_value'] if r['p_value'] != '' else '—'} | "

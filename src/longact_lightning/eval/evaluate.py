@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from longact_lightning.data import longbench, ruler
-from longact_lightning.data.records import PromptRecord
+from longact_lightning.data.records import PromptRecord, chat_prompt_ids
+from longact_lightning.data.rewards import DEFAULT_METRIC, default_reward, postprocess_prediction, ruler_score
 from longact_lightning.data.ruler import RulerSource
 from longact_lightning.data.sources import PromptSource
 from longact_lightning.eval.checkpoints import export_policy, read_policy_checkpoint
-from longact_lightning.data.records import chat_prompt_ids
 from longact_lightning.eval.report import print_table, write_csv, write_json
-from longact_lightning.data.rewards import DEFAULT_METRIC, default_reward, postprocess_prediction, ruler_score
 from longact_lightning.rollout import build_engine
 from longact_lightning.rollout.base import SamplingConfig
 

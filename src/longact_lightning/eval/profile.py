@@ -35,14 +35,13 @@ from typing import Any
 
 import torch
 
-from longact_lightning.data.records import PromptRecord
+from longact_lightning.data.records import PromptRecord, chat_prompt_ids
 from longact_lightning.data.ruler import RulerSource
 from longact_lightning.data.sources import PromptSource
 from longact_lightning.eval.checkpoints import load_policy, read_policy_checkpoint
 from longact_lightning.eval.collect import collect_channel_stats, merge_stats
 from longact_lightning.eval.metrics import chance_jaccard, mask_jaccards, sparsity_metrics
 from longact_lightning.eval.plots import layer_channel_map, layer_heatmap, magnitude_histograms
-from longact_lightning.data.records import chat_prompt_ids
 from longact_lightning.eval.prompts import truncate_middle_ids
 from longact_lightning.eval.report import print_table, write_csv, write_json
 from longact_lightning.saliency.masks import num_selected, select_channels

@@ -342,7 +342,7 @@ def token_logprobs(
     and needs anyway, memory is bounded by one chunk. Values and gradients are the unchunked ones.
     """
     B, C, V = logits.shape
-    if chunk_tokens is None or B * C <= chunk_tokens:
+    if chunk_tokens is None or chunk_tokens >= B * C:
         return _scores(logits, targets, temperature, with_entropy)
     flat_logits, flat_targets = logits.reshape(B * C, V), targets.reshape(B * C)
     pieces = []

@@ -28,8 +28,8 @@ from longact_lightning.rl.logprobs import (
     grouped_completion_logprobs,
     sequence_parallel_completion_logprobs,
 )
-from longact_lightning.rl.micro_batches import balanced_partition, group_costs, plan_micro_batches
 from longact_lightning.rl.losses import Aggregation, KLEstimator, LossConfig, LossType, policy_loss, step_denominator
+from longact_lightning.rl.micro_batches import balanced_partition, group_costs, plan_micro_batches
 from longact_lightning.rl.precision import autocast_weights_once
 from longact_lightning.rollout.batch import RolloutBatch
 from longact_lightning.rollout.weight_sync import full_named_parameters
@@ -43,7 +43,6 @@ from longact_lightning.sharding import (
     fully_shard_decoder_layers,
     is_fully_sharded,
 )
-
 
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu", "mps")
 

@@ -87,9 +87,9 @@ class RolloutBatch:
             rewards=torch.cat([b.rewards for b in batches]),
             group_ids=torch.cat(group_ids),
             truncated=torch.cat([b.truncated for b in batches]),
-            engine_logprobs=None if any(e is None for e in engine) else torch.cat(
-                [completions(b, e) for b, e in zip(batches, engine)]
-            ),
+            engine_logprobs=None
+            if any(e is None for e in engine)
+            else torch.cat([completions(b, e) for b, e in zip(batches, engine)]),
             correct=None if any(c is None for c in correct) else torch.cat(correct),
         )
 

@@ -92,7 +92,9 @@ def select_channels(
     return chosen[units]  # [channels]
 
 
-def row_masks(projections: Sequence[QKProjection], channel_masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def row_masks(
+    projections: Sequence[QKProjection], channel_masks: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Per-parameter row masks (True = trainable) from per-projection channel selections.
 
     Rows of a parameter that belong to no query/key projection (e.g. the value rows of a fused ``qkv_proj``) stay

@@ -103,10 +103,7 @@ def find_qk_projections(
     config = config if config is not None else _find_config(model)
     layout = _head_layout(config)
     linears = {clean_name(name): module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    if patterns is not None:
-        found = _from_patterns(linears, patterns, layout)
-    else:
-        found = _discover(linears, layout)
+    found = _from_patterns(linears, patterns, layout) if patterns is not None else _discover(linears, layout)
     if not found:
         shown = ", ".join(list(linears)[:24]) + (f", ... ({len(linears)} in all)" if len(linears) > 24 else "")
         raise ValueError(
