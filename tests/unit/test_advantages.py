@@ -50,3 +50,12 @@ def test_bad_arguments_name_the_value():
         group_advantages(REWARDS, GROUPS, "median")
     with pytest.raises(ValueError, match=r"must both be \[B\]"):
         group_advantages(REWARDS, GROUPS[:3])
+
+
+def test_rewards_near_float32s_limit_give_finite_advantages():
+    # float32 sums and squares of these overflow (inf - inf = NaN); the advantages are exact in float64
+    big = 3e38
+    rewards = torch.tensor([big, big, big, big, 0.0, -big])
+    adv = group_advantages(rewards, GROUPS, "group")
+    assert torch.isfinite(adv).all()
+    torch.testing.assert_close(adv, torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, -1.0]))

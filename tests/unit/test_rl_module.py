@@ -3,6 +3,8 @@ argument validation, and a seeded learning test (reward of "emit token X" rises)
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -144,6 +146,29 @@ def test_each_optimizer_step_sees_only_its_own_gradient(tiny_model_dir):
     _trainer(2, [Capture()]).fit(module, datamodule=_FixedBatches([batch, batch]))
     assert len(grads) == 2 and grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0)
+
+
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_model_dir):
+    module = RLPolicyModule(
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=1e-2, micro_batch_size=6, max_nonfinite_steps=2
+    )
+    good = _random_batch(seed=1)
+    bad = dataclasses.replace(_random_batch(seed=2), rewards=torch.full((6,), math.nan))  # NaN advantages, loss, grads
+    weights = []
+
+    class Snapshot(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            weights.append({k: v.detach().clone() for k, v in pl_module.policy.state_dict().items()})
+
+    with pytest.raises(RuntimeError, match="2 steps in a row had a non-finite gradient norm"):
+        _trainer(5, [Snapshot()]).fit(module, datamodule=_FixedBatches([good, bad, good, bad, bad]))
+    assert len(weights) == 4  # the 5th step stopped the run inside its optimizer step
+    for skipped, before in [(1, 0), (3, 2)]:
+        assert all(torch.equal(weights[skipped][k], before_v) for k, before_v in weights[before].items())
+    assert not torch.equal(weights[2]["lm_head.weight"], weights[1]["lm_head.weight"])  # a finite step trains
+    final = module.policy.state_dict()
+    assert all(torch.isfinite(v).all() and torch.equal(v, weights[3][k]) for k, v in final.items())
+    assert module._skipped_steps == 3
 
 
 def test_batches_are_pulled_only_after_the_previous_optimizer_step(tiny_model_dir):

@@ -19,6 +19,8 @@ from longact_lightning.data.records import PromptRecord
 
 log = logging.getLogger(__name__)
 
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
 RewardFn = Callable[[str, PromptRecord], float]
 
 
@@ -145,7 +147,8 @@ class SafeReward:
     One malformed completion (or a bug in a user's reward hit by a rare input) should cost one sample, not a
     multi-hour job; but silently zeroing would hide a broken reward, so each failure is logged with its exception and
     counted in :attr:`failures`, which a DataModule logs. A non-finite reward counts as a failure too, since it
-    would turn every advantage in its group into NaN.
+    would turn every advantage in its group into NaN, and so does one beyond float32's range (the batch's dtype),
+    where it would become infinite.
 
     Args:
         fn: the reward function.
@@ -160,6 +163,8 @@ class SafeReward:
             reward = float(self.fn(completion, record))
             if not math.isfinite(reward):
                 raise ValueError(f"reward is {reward}, not a finite number")
+            if abs(reward) > _FLOAT32_MAX:
+                raise ValueError(f"reward {reward} is beyond float32's range (+-{_FLOAT32_MAX:.3g}), the batch's dtype")
         except Exception as error:  # any failure of reward code costs one sample, by design
             self.failures += 1
             log.warning(

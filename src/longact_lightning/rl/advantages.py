@@ -47,11 +47,12 @@ def group_advantages(
             f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must both be [B]; "
             "pass one reward and one group id per sequence."
         )
-    rewards = rewards.float()
+    # float64 inside: sums and squares of rewards near float32's range would overflow into inf - inf = NaN
+    rewards = rewards.double()
     _, inverse = torch.unique(group_ids, return_inverse=True)  # [B] dense group index
     num_groups = int(inverse.max()) + 1
-    count = torch.zeros(num_groups, device=rewards.device).index_add_(0, inverse, torch.ones_like(rewards))  # [n]
-    total = torch.zeros(num_groups, device=rewards.device).index_add_(0, inverse, rewards)  # [n]
+    count = rewards.new_zeros(num_groups).index_add_(0, inverse, torch.ones_like(rewards))  # [n]
+    total = rewards.new_zeros(num_groups).index_add_(0, inverse, rewards)  # [n]
     mean = (total / count)[inverse]  # [B]
     size = count[inverse]  # [B]
 
@@ -63,10 +64,10 @@ def group_advantages(
     centred = rewards - baseline  # [B]
 
     if std_scaling == "none":
-        return centred
+        return centred.float()
     if std_scaling == "batch":
         std = rewards.std(unbiased=True) if rewards.numel() > 1 else rewards.new_zeros(())
-        return centred / (std + eps)
-    squares = torch.zeros(num_groups, device=rewards.device).index_add_(0, inverse, (rewards - mean) ** 2)  # [n]
+        return (centred / (std + eps)).float()
+    squares = rewards.new_zeros(num_groups).index_add_(0, inverse, (rewards - mean) ** 2)  # [n]
     group_std = (squares / (count - 1).clamp(min=1)).sqrt()[inverse]  # [B], 0 for groups of one
-    return centred / (group_std + eps)
+    return (centred / (group_std + eps)).float()

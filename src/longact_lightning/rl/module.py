@@ -9,6 +9,7 @@ update has happened.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -43,6 +44,8 @@ from longact_lightning.sharding import (
     fully_shard_decoder_layers,
     is_fully_sharded,
 )
+
+log = logging.getLogger(__name__)
 
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
@@ -112,6 +115,9 @@ class RLPolicyModule(pl.LightningModule):
             ``rope_parameters``. The rollout engine must use the same (vLLM: ``data.engine_options.hf_overrides``);
             the first weight sync refuses a mismatch.
         max_grad_norm: clip the global gradient norm to this in ``on_before_optimizer_step``; ``None`` = no clipping.
+        max_nonfinite_steps: a step whose gradient norm is NaN or infinite (a NaN loss, an overflow) is skipped, the
+            weights and optimizer state untouched and ``train/skipped_steps`` counting it; after this many in a row
+            the run stops with an error, the weights still those of the last finite step.
         hybrid_shard_replicas: FSDP2 only: shard within groups of ``world_size / R`` ranks and replicate across ``R``
             groups (HSDP; ``R`` = the number of nodes keeps the all-gathers inside a node). 1 = shard over all ranks.
         gradient_checkpointing: recompute each decoder layer's activations in the backward pass (HF gradient
@@ -161,6 +167,7 @@ class RLPolicyModule(pl.LightningModule):
         balance_ranks: bool = True,
         sequence_parallel_size: int = 1,
         max_grad_norm: float | None = 1.0,
+        max_nonfinite_steps: int = 3,
         attn_implementation: str = "sdpa",
         rope_scaling: dict[str, Any] | None = None,
         hybrid_shard_replicas: int = 1,
@@ -198,6 +205,10 @@ class RLPolicyModule(pl.LightningModule):
         )  # fmt: skip
         if sequence_parallel_size < 1:
             raise ValueError(f"sequence_parallel_size={sequence_parallel_size} must be >= 1 (1 = off).")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps={max_nonfinite_steps} must be >= 1 (non-finite steps in a row).")
+        self._nonfinite_in_a_row = 0
+        self._skipped_steps = 0
         if hybrid_shard_replicas < 1:
             raise ValueError(f"hybrid_shard_replicas={hybrid_shard_replicas} must be >= 1 (1 = shard over all ranks).")
         self.advantage_std: StdScaling = advantage_std or ("none" if loss_type == "dr_grpo" else "group")
@@ -328,10 +339,33 @@ class RLPolicyModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning runs the callbacks' hook first (the LongAct row mask zeroes frozen rows there), then this one, so
         # the norm is that of the gradient that is actually applied. Manual optimisation gets no automatic clipping.
-        if self.hparams.max_grad_norm is None:
-            return
-        grad_norm = clip_grad_norm(self.policy, self.hparams.max_grad_norm)
-        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        max_norm = self.hparams.max_grad_norm
+        grad_norm = clip_grad_norm(self.policy, math.inf if max_norm is None else max_norm)  # equal on every rank
+        if not torch.isfinite(grad_norm):
+            self._skip_update(optimizer, float(grad_norm))
+        else:
+            self._nonfinite_in_a_row = 0
+        self.log("train/skipped_steps", float(self._skipped_steps), on_step=True, on_epoch=False)
+        if max_norm is not None:
+            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+
+    def _skip_update(self, optimizer: torch.optim.Optimizer, grad_norm: float) -> None:
+        """Drop every gradient, so the optimizer leaves every parameter and its state alone (AdamW, like torch's
+        other optimizers, skips parameters without a gradient: no step, no weight decay, no moment update)."""
+        optimizer.zero_grad(set_to_none=True)
+        self._skipped_steps += 1
+        self._nonfinite_in_a_row += 1
+        limit = self.hparams.max_nonfinite_steps
+        log.warning(
+            "Step %d: gradient norm %s; the update is skipped (%d in a row, the run stops at %d).",
+            self.trainer.global_step, grad_norm, self._nonfinite_in_a_row, limit,
+        )  # fmt: skip
+        if self._nonfinite_in_a_row >= limit:
+            raise RuntimeError(
+                f"{limit} steps in a row had a non-finite gradient norm ({grad_norm}); stopping with the weights of "
+                "the last finite step. Check the rewards (rollout/reward_failures_total), lower model.lr, or raise "
+                "model.max_nonfinite_steps."
+            )
 
     @override
     def log(self, name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
