@@ -123,10 +123,18 @@ class LongActCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "profile": {"model", "datamodule"}, "eval": {"model", "datamodule"}}
 
     def before_instantiate_classes(self) -> None:
-        """Reject a model or tokenizer path that does not exist as a parser error naming the key, before anything
-        (model, engine, trainer, log directories) is built."""
+        """Reject bad callback arguments and a model or tokenizer path that does not exist as parser errors naming the
+        key, before anything (model, engine, trainer, log directories) is built."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+        # The callback sections are cheap to build: a bad value fails here, not after the model has loaded.
+        sections = {"longact": LongAct, "checkpoint": RankSafeCheckpoint, "host_memory": HostMemoryReuse}
+        for key, callback in sections.items():
+            if config.get(key) is not None:
+                try:
+                    callback(**config[key].as_dict())
+                except ValueError as error:
+                    parser.error(f'Parser key "{key}": {error}')
         for key in ("model.model", "model.tokenizer"):
             value = config.get(key)
             if value is None or value == EMBEDDED_MODEL:
@@ -135,6 +143,13 @@ class LongActCLI(LightningCLI):
                 check_model_path(str(value))
             except FileNotFoundError as error:
                 parser.error(f'Parser key "{key}": {error}')
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        """The persistent progress bar only where the run shows one (Lightning refuses a bar it may not draw)."""
+        if config.get("enable_progress_bar") is False:
+            defaults = self.trainer_defaults["callbacks"]
+            self.trainer_defaults["callbacks"] = [c for c in defaults if not isinstance(c, RichProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.model")

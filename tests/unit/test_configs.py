@@ -195,6 +195,14 @@ def test_config_instantiates_on_cpu_with_a_tiny_model(config, tiny_model_dir, tm
     assert not any(tmp_path.iterdir()), "instantiating wrote files"
 
 
+def test_no_progress_bar_when_the_trainer_is_told_not_to_draw_one(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(DEMO), "--model.model", str(tiny_model_dir), "--data.engine", "hf"]
+    cli = cli_main([*args, "--trainer.enable_progress_bar", "false"], run=False)
+    assert not any(isinstance(cb, RichProgressBar) for cb in cli.trainer.callbacks)
+    assert any(isinstance(cb, RunSummary) for cb in cli.trainer.callbacks)
+
+
 def test_cpu_demo_instantiates_with_the_embedded_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["--config", str(DEMO)], run=False)
@@ -220,6 +228,13 @@ def test_unknown_key_is_named(capsys, tmp_path):
     assert "model.bogus_key" in _fails(capsys, "--config", str(extra))
     extra.write_text("longact:\n  top_ration: 0.2\n")
     assert "longact.top_ration" in _fails(capsys, "--config", str(extra))
+
+
+def test_bad_callback_value_fails_before_the_model_loads(capsys, monkeypatch):
+    loaded = []
+    monkeypatch.setattr("longact_lightning.rl.module.load_causal_lm", lambda *a, **k: loaded.append(a))
+    assert 'Parser key "longact": top_ratio=1.5 must be in (0, 1]' in _fails(capsys, "--longact.top_ratio", "1.5")
+    assert not loaded
 
 
 def test_sampling_temperature_and_budget_are_set_once_on_the_data_side(capsys):

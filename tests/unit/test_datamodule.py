@@ -166,6 +166,11 @@ def test_sleep_level_2_needs_a_sync_before_every_generation(tokenizer):
         make(tokenizer, records(VARIED), engine_options={"sleep_level": 2}, sync_every_n_steps=2)
 
 
+def test_a_group_of_one_is_refused_since_it_trains_nothing(tokenizer):
+    with pytest.raises(ValueError, match="group_size=1: .* use group_size >= 2"):
+        make(tokenizer, records(VARIED), group_size=1)
+
+
 def test_overlong_soft_punishment_and_truncation_mask(tokenizer):
     # max_new_tokens=16, buffer 8: free up to 8 tokens, then linear to -penalty at 16
     dm, engine = make(tokenizer, records(VARIED), overlong_buffer_tokens=8, overlong_penalty=0.5, mask_truncated=True)

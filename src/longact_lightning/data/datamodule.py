@@ -114,6 +114,11 @@ class RolloutDataModule(LightningDataModule):
         super().__init__()
         if not hasattr(source, "__iter__"):
             raise TypeError(f"source={source!r} is not iterable; pass a PromptSource or an iterable of PromptRecord.")
+        if group_size < 2:
+            raise ValueError(
+                f"group_size={group_size}: a group's advantages are its rewards relative to each other, so fewer "
+                "than 2 completions per prompt train nothing; use group_size >= 2 (8-16 is usual)."
+            )
         if prompts_per_step < 1:
             raise ValueError(f"prompts_per_step={prompts_per_step} must be >= 1.")
         if max_prompt_tokens is not None and max_prompt_tokens < 1:
