@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+from longact_lightning.data.datamodule import RolloutDataModule
+from longact_lightning.data.records import PromptRecord
 from longact_lightning.models import load_causal_lm, load_tokenizer
 from longact_lightning.rl.logprobs import completion_logprobs
 from longact_lightning.rollout import RolloutBatch, RolloutEngine, SamplingConfig
@@ -69,6 +71,18 @@ def test_rollouts_are_typed_and_finish_reasons_mapped(engine, prompt_ids):
     assert short.finish_reason == "length" and len(short.completion_ids) == len(short.logprobs) == 3
     long = engine.generate([prompt_ids], SamplingConfig(n=1, temperature=0.0, max_tokens=200))[0][0]
     assert long.finish_reason == "stop" and long.completion_ids[-1] == 2  # <|im_end|>, kept in the completion
+
+
+def test_a_prompt_beyond_the_engines_context_is_dropped_not_fatal(engine):
+    short = PromptRecord(prompt="What is 2 + 2?", answers=("4",), task="qa")
+    long = PromptRecord(prompt="word " * 600, answers=("4",), task="qa")  # > 512 - 8 tokens: vLLM would refuse it
+    data = RolloutDataModule(
+        [long, short, short], model=MODEL, group_size=2, prompts_per_step=2, max_new_tokens=8, reward="contains_match"
+    )
+    data.engine = engine
+    batch = next(iter(data.train_dataloader()))
+    assert len(batch) == 4 and data.totals["dropped_long_prompts"] == 1
+    assert engine.max_model_len == 512
 
 
 def test_synced_engine_serves_the_perturbed_policy(engine, policy, prompt_ids):

@@ -128,7 +128,29 @@ def test_over_long_prompts_are_dropped_and_counted(tokenizer, caplog):
     assert indices(batch, dm, short) == [0, 1, 2]
     assert dm.totals["dropped_long_prompts"] == 2
     assert dm.metrics["rollout/dropped_long_prompts_total"] == 2
-    assert "> max_prompt_tokens=100 (2 dropped so far)" in caplog.text
+    assert "> 100 (max_prompt_tokens; 2 dropped so far)" in caplog.text
+
+
+def test_prompts_beyond_the_engines_context_and_empty_ones_are_dropped(tokenizer, caplog):
+    short = records(VARIED, VARIED, VARIED)
+    long = records(VARIED, prompt="word " * 200)[0]  # ~210 tokens with the chat template
+    empty = PromptRecord(prompt="  ", answers=("x",), task="test", metadata={"rewards": VARIED})
+    dm, engine = make(tokenizer, [long, short[0], empty, short[1], short[2]], prompts_per_step=3)
+    engine.max_model_len = 216  # 200 tokens of room beside max_new_tokens=16
+    with caplog.at_level(logging.WARNING, logger="longact_lightning.data.datamodule"):
+        batch = next(iter(dm.train_dataloader()))
+    assert indices(batch, dm, short) == [0, 1, 2]
+    assert dm.totals["dropped_long_prompts"] == dm.totals["dropped_empty_prompts"] == 1
+    assert "Dropped record 0 of the source ('test'): its prompt has" in caplog.text
+    assert "> 200 (the engine's 216-token context minus max_new_tokens; 1 dropped so far)" in caplog.text
+    assert "Dropped record 2 of the source: its prompt is empty" in caplog.text
+
+
+def test_no_room_for_a_prompt_beside_max_new_tokens_is_an_error(tokenizer):
+    dm, engine = make(tokenizer, records(VARIED))
+    engine.max_model_len = 16
+    with pytest.raises(ValueError, match="max_new_tokens=16 leaves no room for a prompt in the engine's 16-token"):
+        next(iter(dm.train_dataloader()))
 
 
 def test_weights_sync_when_the_step_advances_and_not_otherwise(tokenizer):

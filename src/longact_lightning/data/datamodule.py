@@ -72,7 +72,8 @@ class RolloutDataModule(LightningDataModule):
         seed: base seed of the sampling (``None`` = unseeded). Rank 0 uses it as is; rank ``r > 0`` of a
             data-parallel run derives its own from ``(seed, r)``, so ranks never sample identical completions.
         max_prompt_tokens: prompts longer than this after the chat template are dropped, counted and logged;
-            ``None`` keeps all.
+            ``None`` keeps all that fit. Prompts that do not fit the engine's context beside ``max_new_tokens`` are
+            dropped the same way, on every engine, and so are records with an empty prompt.
         dynamic_sampling: DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage, no
             gradient) and generate for fresh prompts until ``prompts_per_step`` groups carry signal.
         max_generation_rounds: generation rounds per batch under dynamic sampling; after that the batch is yielded
@@ -172,7 +173,11 @@ class RolloutDataModule(LightningDataModule):
         # applied (the rank is known only once training starts)
         self._positions: list[tuple[int, int]] = [(0, 0)]
         self._pending_positions: list[tuple[int, int]] | None = None
-        self.totals = {"dropped_long_prompts": 0, "dropped_groups": 0, "generation_rounds": 0, "weight_syncs": 0}
+        self.totals = {
+            "dropped_long_prompts": 0, "dropped_empty_prompts": 0, "dropped_groups": 0, "generation_rounds": 0,
+            "weight_syncs": 0,
+        }  # fmt: skip
+        self._prompt_limit: tuple[int | None, str] | None = None  # (tokens, why): known once the engine is built
         self.metrics: dict[str, float] = {}  # the last batch's rollout metrics, also sent to the trainer's loggers
 
     @property
@@ -371,17 +376,43 @@ class RolloutDataModule(LightningDataModule):
             if index < skip or index % self._world != self._rank:
                 continue
             self._consumed = index + 1
+            if not record.prompt.strip():
+                self.totals["dropped_empty_prompts"] += 1
+                log.warning(
+                    "Dropped record %d of the source: its prompt is empty (%d dropped so far).",
+                    index, self.totals["dropped_empty_prompts"],
+                )  # fmt: skip
+                continue
             ids = self.prompt_ids(record)
-            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            limit, why = self._longest_prompt()
+            if limit is not None and len(ids) > limit:
                 self.totals["dropped_long_prompts"] += 1
                 log.warning(
-                    "Dropped a %r prompt of %d tokens > max_prompt_tokens=%d (%d dropped so far).",
-                    record.task, len(ids), self.max_prompt_tokens, self.totals["dropped_long_prompts"],
+                    "Dropped record %d of the source (%r): its prompt has %d tokens > %d (%s; %d dropped so far).",
+                    index, record.task, len(ids), limit, why, self.totals["dropped_long_prompts"],
                 )  # fmt: skip
                 continue
             yield record, ids
         self._epoch += 1
         self._consumed = 0
+
+    def _longest_prompt(self) -> tuple[int | None, str]:
+        """The longest prompt this run can take: ``max_prompt_tokens`` and what the engine's context leaves beside
+        ``max_new_tokens`` (vLLM rejects a longer request, which would stop the run; HF would generate past the
+        positions the model was trained on)."""
+        if self._prompt_limit is None:
+            limits = [] if self.max_prompt_tokens is None else [(self.max_prompt_tokens, "max_prompt_tokens")]
+            context = getattr(self.engine, "max_model_len", None)
+            if context is not None:
+                room = context - self.sampling.max_tokens
+                if room < 1:
+                    raise ValueError(
+                        f"max_new_tokens={self.sampling.max_tokens} leaves no room for a prompt in the engine's "
+                        f"{context}-token context; lower max_new_tokens or raise engine_options.max_model_len."
+                    )
+                limits.append((room, f"the engine's {context}-token context minus max_new_tokens"))
+            self._prompt_limit = min(limits) if limits else (None, "")
+        return self._prompt_limit
 
     def sync_weights(self) -> None:
         """Push the policy's weights into the engine if ``sync_every_n_steps`` optimizer steps passed since the last

@@ -100,6 +100,12 @@ class HFEngine:
         """The HF config of the served model (what the trainer's must agree with)."""
         return self.model.config
 
+    @property
+    def max_model_len(self) -> int | None:
+        """The model's context in tokens (``max_position_embeddings``): beyond it generate runs, on positions the
+        model never saw. ``None`` if the config does not say."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy each tensor into the parameter of the same name, in place; a tensor that *is* that parameter is

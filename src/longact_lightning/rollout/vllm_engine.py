@@ -190,6 +190,11 @@ class VLLMEngine:
         """The HF config vLLM serves the model with (``hf_overrides`` applied)."""
         return self.llm.llm_engine.model_config.hf_config
 
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + completion the engine serves, in tokens (it rejects a request beyond it)."""
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy ``(hf_name, tensor)`` pairs into the served model in place, then drop the prefix cache.
 
