@@ -17,6 +17,7 @@ from longact_lightning.data.longbench import (
 )
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.data.rewards import longbench_v2_match
+from longact_lightning.data.sources import EmptySourceError
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "longbench_v2_tiny.json"
 
@@ -86,6 +87,24 @@ def test_source_reads_hub_schema_file(tmp_path, items):
         "difficulty": "easy",
         "length": "short",
     }
+
+
+def test_rows_with_null_or_missing_fields_are_skipped_and_named(tmp_path, items):
+    rows = json.loads(FIXTURE.read_text())
+    rows[1]["question"] = None  # a null field: skipped with its row index
+    del rows[2]["context"]  # another schema's row
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows))
+    with pytest.warns(UserWarning, match="row 1 .* skipped, fields not text: {'question': 'NoneType'}"):
+        records = list(LongBenchV2Source(str(path), load_kwargs={"cache_dir": str(tmp_path / "cache")}))
+    assert [r.metadata["_id"] for r in records] == ["lb-0001", "lb-0004"]
+
+
+def test_a_file_of_another_schema_fails_naming_the_fix(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps([{"text": "a", "label": 1}, {"text": "b", "label": 0}]))
+    with pytest.warns(UserWarning, match="skipped"), pytest.raises(EmptySourceError, match="data.json / parquet"):
+        next(iter(LongBenchV2Source(str(path), load_kwargs={"cache_dir": str(tmp_path / "cache")})))
 
 
 def test_middle_truncation_keeps_floor_head_and_ceil_tail():

@@ -74,6 +74,17 @@ def test_empty_jsonl_fails_on_first_pull_naming_source_and_fix(tmp_path):
         next(iter(source))
 
 
+def test_a_bad_byte_late_in_the_file_costs_its_line_only(tmp_path):
+    # past the first 8 KB, where a text-mode reader would raise in the middle of the run
+    good = [json.dumps({"prompt": f"p{i} " + "x" * 100, "answer": "a"}) for i in range(100)]
+    path = tmp_path / "late.jsonl"
+    path.write_bytes(("\n".join(good[:90]) + "\n").encode() + b'{"prompt": "bad \xff", "answer": "a"}\n'
+                     + ("\n".join(good[90:]) + "\n").encode())  # fmt: skip
+    with pytest.warns(UserWarning, match=r"late.jsonl:91: skipped, not UTF-8"):
+        records = list(JsonlSource(str(path)))
+    assert len(records) == 100
+
+
 def test_all_rows_bad_is_also_empty(tmp_path):
     path = _write_lines(tmp_path / "bad.jsonl", ["{oops", json.dumps({"text": "x"})])
     with pytest.warns(UserWarning, match="skipped"), pytest.raises(EmptySourceError, match="bad.jsonl"):

@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.data.sources import PromptSource, load_hf_dataset, nonempty, resolve_tokenizer
 
@@ -182,7 +184,13 @@ class LongBenchV2Source(PromptSource):
         )
 
     def _records(self, dataset) -> Iterator[PromptRecord]:
-        for item in dataset:
+        required = [field for _, field in _PLACEHOLDERS] + ["answer"]
+        for index, item in enumerate(dataset):
+            bad = [field for field in required if not isinstance(item.get(field), str)]
+            if bad:  # a null or missing field costs its row, not the run
+                found = {field: type(item.get(field)).__name__ for field in bad}
+                rank_zero_warn(f"LongBench v2 row {index} at {self.path!r}: skipped, fields not text: {found}.")
+                continue
             prompt = build_prompt(item)
             if self.max_length is not None:
                 prompt = truncate_middle(prompt, self.tokenizer, self.max_length)
@@ -190,5 +198,5 @@ class LongBenchV2Source(PromptSource):
                 prompt=prompt,
                 answers=(item["answer"],),
                 task=TASK,
-                metadata={field: item[field] for field in _METADATA_FIELDS},
+                metadata={field: item.get(field) for field in _METADATA_FIELDS},
             )

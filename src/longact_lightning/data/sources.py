@@ -191,8 +191,13 @@ class JsonlSource(PromptSource):
         )
 
     def _records(self) -> Iterator[PromptRecord]:
-        with self.path.open(encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, start=1):
+        with self.path.open("rb") as lines:  # decoded line by line: a bad byte costs its line, not the file
+            for line_number, raw in enumerate(lines, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    rank_zero_warn(f"{self.path}:{line_number}: skipped, not UTF-8 ({error}).")
+                    continue
                 if not line.strip():
                     continue
                 try:
