@@ -99,16 +99,19 @@ def test_safe_reward_scores_failure_zero_counts_and_warns(caplog):
             return math.nan
         if completion == "huge":
             return -1e300  # finite in float64, -inf in the float32 batch
+        if completion == "text":
+            return "1"  # a string is not a score, even one float() would read
         return 1.0
 
     safe = SafeReward(flaky)
     with caplog.at_level(logging.WARNING, logger="longact_lightning.data.rewards"):
-        scores = [safe(c, _rec("x")) for c in ["ok", "boom", "ok", "nan", "huge"]]
-    assert scores == [1.0, 0.0, 1.0, 0.0, 0.0]
-    assert safe.failures == 3
+        scores = [safe(c, _rec("x")) for c in ["ok", "boom", "ok", "nan", "huge", "text"]]
+    assert scores == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert safe.failures == 4
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 3
+    assert len(warnings) == 4
     assert "beyond float32's range" in warnings[2].getMessage()
+    assert "reward returned str '1', not a number" in warnings[3].getMessage()
     assert "RuntimeError: parser exploded" in warnings[0].getMessage()
     assert "Failures so far: 1" in warnings[0].getMessage() and warnings[0].exc_info is not None
     assert "not a finite number" in warnings[1].getMessage() and "Failures so far: 2" in warnings[1].getMessage()

@@ -54,6 +54,7 @@ def test_malformed_jsonl_line_warns_with_line_number_and_is_skipped(tmp_path):
             json.dumps({"prompt": "c", "answer": "3"}),
             json.dumps({"prompt": "d"}),  # line 5: missing the mapped answer column
             json.dumps(["not", "an", "object"]),  # line 6
+            json.dumps({"prompt": "e", "answer": None}),  # line 7: a null answer
         ],
     )
     with pytest.warns(UserWarning, match="skipped") as caught:
@@ -62,7 +63,8 @@ def test_malformed_jsonl_line_warns_with_line_number_and_is_skipped(tmp_path):
     assert any(f"{path}:3: skipped, not valid JSON" in m for m in messages)
     assert any(f"{path}:5: skipped, missing column(s) ['answer']" in m for m in messages)
     assert any(f"{path}:6: skipped" in m for m in messages)
-    assert len(messages) == 3
+    assert any(f"{path}:7: skipped, null value in column(s) ['answer']" in m for m in messages)
+    assert len(messages) == 4
     assert [r.prompt for r in records] == ["a", "c"]
     assert [r.metadata["line"] for r in records] == [1, 4]
 
@@ -108,7 +110,7 @@ def test_parquet_through_load_dataset(tmp_path):
         metadata_columns=["level"],
         load_kwargs={"cache_dir": str(tmp_path / "cache")},
     )
-    with pytest.warns(UserWarning, match=r"row 2: skipped, missing column\(s\) \['text'\]"):
+    with pytest.warns(UserWarning, match=r"row 2: skipped, null value in column\(s\) \['text'\]"):
         records = list(source)
     assert [(r.prompt, r.answers, r.metadata["level"], r.metadata["row"]) for r in records] == [
         ("p0", ("x",), 1, 0),

@@ -160,7 +160,10 @@ class SafeReward:
 
     def __call__(self, completion: str, record: PromptRecord) -> float:
         try:
-            reward = float(self.fn(completion, record))
+            value = self.fn(completion, record)
+            if isinstance(value, (str, bytes)):  # float("1") would read a string that was meant as something else
+                raise TypeError(f"reward returned {type(value).__name__} {value!r}, not a number")
+            reward = float(value)
             if not math.isfinite(reward):
                 raise ValueError(f"reward is {reward}, not a finite number")
             if abs(reward) > _FLOAT32_MAX:

@@ -136,9 +136,12 @@ class _ColumnMapping:
 
     def to_record(self, row: Mapping[str, Any], where: dict[str, Any]) -> PromptRecord | str:
         """The record, or a message naming the missing column (the caller warns with the row's location)."""
-        missing = [column for column in self.columns if row.get(column) is None]
-        if missing:
-            return f"missing column(s) {missing} (present: {sorted(row)})"
+        absent = [column for column in self.columns if column not in row]
+        if absent:
+            return f"missing column(s) {absent} (present: {sorted(row)})"
+        null = [column for column in self.columns if row[column] is None]
+        if null:
+            return f"null value in column(s) {null}"
         prompt = row[self.prompt_column]
         if not isinstance(prompt, str):
             return f"column {self.prompt_column!r} must hold a string, got {type(prompt).__name__}"
