@@ -122,9 +122,18 @@ def load_tokenizer(name_or_path: str, **kwargs):
 
 
 def check_model_path(path: str) -> None:
-    """Fail before any work when a path that cannot be a hub id (``org/name``) does not exist."""
+    """Fail before any work when a path that cannot be a hub id (``org/name``) does not exist.
+
+    A name is taken for a local path when it is absolute, starts with ``.`` or ``~``, has more than one ``/``, or
+    starts with a directory that exists here (``runs/x``, ``models/y``): loading it from the hub would only fail after
+    a minute of retries.
+    """
     expanded = Path(path).expanduser()
-    could_be_hub_id = not expanded.is_absolute() and not path.startswith((".", "~")) and path.count("/") <= 1
+    first = Path(path).parts[0] if Path(path).parts else ""
+    local_prefix = path.count("/") == 1 and Path(first).is_dir()
+    could_be_hub_id = (
+        not expanded.is_absolute() and not path.startswith((".", "~")) and path.count("/") <= 1 and not local_prefix
+    )
     if not could_be_hub_id and not expanded.exists():
         raise FileNotFoundError(
             f"Model path {path!r} does not exist: pass an existing HF model directory, a hub id, "

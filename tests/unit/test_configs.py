@@ -265,3 +265,9 @@ def test_missing_model_path_fails_before_any_work(key, value, capsys, tmp_path, 
     err = _fails(capsys, key, value)
     assert f'Parser key "{key[2:]}"' in err and f"Model path {value!r} does not exist" in err
     assert not any(tmp_path.iterdir()), "files were written before the error"
+
+
+def test_a_missing_path_under_a_local_directory_is_not_taken_for_a_hub_id(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # runs/missing could be the hub id "runs/missing", but runs/ is a directory here
+    assert "Model path 'runs/missing' does not exist" in _fails(capsys, "--model.model", "runs/missing")
