@@ -25,6 +25,7 @@ from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.models import EMBEDDED_MODEL, check_model_path
 from longact_lightning.rl.module import RLPolicyModule
 
+DEFAULT_ROOT = "runs/longact"  # where a run writes when neither trainer.default_root_dir nor a logger says
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
     "max_epochs": -1,
@@ -135,6 +136,7 @@ class LongActCLI(LightningCLI):
                     callback(**config[key].as_dict())
                 except ValueError as error:
                     parser.error(f'Parser key "{key}": {error}')
+        self._place_outputs(config)
         for key in ("model.model", "model.tokenizer"):
             value = config.get(key)
             if value is None or value == EMBEDDED_MODEL:
@@ -143,6 +145,22 @@ class LongActCLI(LightningCLI):
                 check_model_path(str(value))
             except FileNotFoundError as error:
                 parser.error(f'Parser key "{key}": {error}')
+
+    @staticmethod
+    def _place_outputs(config: Any) -> None:
+        """Put what a run writes under one directory: ``trainer.default_root_dir`` (``runs/longact`` if unset).
+
+        The default loggers write to ``<root>/logs`` and checkpoints default to ``<root>/checkpoints``, one fixed
+        place rather than the logger's new ``version_N``, so ``--ckpt_path last`` finds the run's own checkpoints
+        when it is started again, and runs with different roots never read each other's."""
+        root = config.get("trainer.default_root_dir")
+        if root is not None:
+            for logger in config.get("trainer.logger") or []:
+                args = getattr(logger, "init_args", None)
+                if args is not None and args.get("save_dir") == DEFAULT_ROOT.split("/")[0]:  # the defaults' own
+                    args["save_dir"], args["name"] = root, "logs"
+        if "checkpoint" in config and config.get("checkpoint.dirpath") is None:
+            config["checkpoint.dirpath"] = f"{root or DEFAULT_ROOT}/checkpoints"
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
         """The persistent progress bar only where the run shows one (Lightning refuses a bar it may not draw)."""

@@ -138,6 +138,22 @@ def test_sigkill_then_resume_from_last(tmp_path):
     print(f"killed at step {k} after {first_seconds:.0f}s; resumed run took {second_seconds:.0f}s")
 
 
+def test_ckpt_path_last_finds_the_runs_checkpoints_without_a_dirpath(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    root = tmp_path / "root"
+    # no checkpoint.dirpath: checkpoints go to <trainer.default_root_dir>/checkpoints, not a new version_N each run
+    config = write_run_config(
+        tmp_path / "run.yaml", model_dir, root, **{"trainer.max_steps": 2, "checkpoint.dirpath": None}
+    )
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _start(config, first, tmp_path).wait(timeout=600) == 0, _log(first)
+    assert _load(root / "checkpoints" / "last.ckpt")["global_step"] == 2
+    proc = _start(config, second, tmp_path, "--ckpt_path", "last", "--trainer.max_steps", "3")
+    assert proc.wait(timeout=600) == 0, _log(second)
+    verdict = json.loads((second / "rank0.json").read_text())
+    assert (verdict["start_step"], verdict["global_step"]) == (2, 3)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     model_dir = make_tiny_model_dir(tmp_path / "tiny")
     out = tmp_path / "run"
