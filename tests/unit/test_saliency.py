@@ -231,6 +231,24 @@ def test_resume_restores_masks_and_statistics_and_keeps_rows_frozen(tmp_path):
         assert torch.equal(module.state_dict()[name][frozen], initial[proj.weight_name][frozen]), name
 
 
+def test_resuming_with_another_ratio_or_mode_selects_again_and_says_so(tmp_path):
+    batches = random_lm_batches(4)
+    first = LongAct(top_ratio=0.3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(2, [first, ckpt], enable_checkpointing=True).fit(
+        LMModule(tiny_model("qwen3")), DataLoader(batches[:2], batch_size=None)
+    )
+    for ratio, mode, kept in [(0.5, "high", 0.5), (0.3, "none", 1.0)]:
+        resumed = LongAct(top_ratio=ratio, mode=mode)
+        with pytest.warns(UserWarning, match="selection settings than the checkpoint's"):
+            _trainer(3, [resumed]).fit(
+                LMModule(tiny_model("qwen3")), DataLoader(batches, batch_size=None), ckpt_path=tmp_path / "last.ckpt"
+            )
+        for key, mask in resumed.channel_masks.items():
+            assert mask.float().mean().item() == pytest.approx(kept, abs=0.05), key  # the new setting, not the old
+            torch.testing.assert_close(resumed.scores[key], first.scores[key])  # from the checkpoint's statistics
+
+
 def test_standalone_row_mask_resumes_its_masks_from_the_checkpoint(tmp_path):
     torch.manual_seed(0)
     module = LMModule(tiny_model("llama_gqa"), weight_decay=0.0)

@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -84,12 +85,8 @@ class ActivationSaliency(Callback):
             raise ValueError(f"ema={ema} must be in [0, 1).")
         self.top_ratio, self.mode, self.granularity, self.statistic = top_ratio, mode, granularity, statistic
         self.calibration_data = calibration_data
-        self.collect_steps, self.refresh_every_n_steps, self.ema, self.seed = (
-            collect_steps,
-            refresh_every_n_steps,
-            ema,
-            seed,
-        )
+        self.collect_steps, self.refresh_every_n_steps = collect_steps, refresh_every_n_steps
+        self.ema, self.seed = ema, seed
         self.patterns, self.model_attr, self.row_mask = patterns, model_attr, row_mask
 
         self.projections: list[QKProjection] = []
@@ -97,6 +94,7 @@ class ActivationSaliency(Callback):
         self.scores: dict[str, torch.Tensor] = {}
         self.channel_masks: dict[str, torch.Tensor] = {}
         self.selections = 0
+        self._restored_selection: dict[str, Any] | None = None
         self._prefix = ""
         self._model: nn.Module | None = None
         self._collecting = False
@@ -127,6 +125,19 @@ class ActivationSaliency(Callback):
         self._attach(pl_module)
         self._device = trainer.strategy.root_device  # not torch.cuda.current_device(): a colocated vLLM may move it
         if self.channel_masks:  # restored from a checkpoint
+            changed = {
+                key: (old, getattr(self, key))
+                for key, old in (self._restored_selection or {}).items()
+                if old != getattr(self, key)
+            }
+            if changed:  # applied, not silently mixed: the masks are selected again from the restored statistics
+                rank_zero_warn(
+                    "Resuming with other selection settings than the checkpoint's ("
+                    + ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+                    + "): the masks are selected again from the checkpoint's statistics with the new settings."
+                )
+                self._select()
+                return
             self._push_masks()
             return
         if self.calibration_data is not None:
@@ -176,7 +187,14 @@ class ActivationSaliency(Callback):
             "scores": {key: score.clone() for key, score in self.scores.items()},
             "channel_masks": {key: mask.clone() for key, mask in self.channel_masks.items()},
             "selections": self.selections,
+            "selection": self._selection_settings(),
         }
+
+    def _selection_settings(self) -> dict[str, Any]:
+        return {
+            "top_ratio": self.top_ratio, "mode": self.mode, "granularity": self.granularity,
+            "statistic": self.statistic,
+        }  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -187,6 +205,7 @@ class ActivationSaliency(Callback):
         self.scores = {key: score.clone() for key, score in state_dict.get("scores", {}).items()}
         self.channel_masks = {key: mask.clone() for key, mask in state_dict.get("channel_masks", {}).items()}
         self.selections = state_dict.get("selections", 0)
+        self._restored_selection = state_dict.get("selection")
 
     # ------------------------------------------------------------------ schedule
 
