@@ -65,15 +65,9 @@ def main() -> None:
             timer = StepTimer()
             callbacks = [timer] + ([LongAct(top_ratio=0.3)] if arm == "on" else [])
             trainer = pl.Trainer(
-                max_steps=args.steps,
-                accelerator="cpu",
-                devices=1,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=callbacks,
-            )
+                max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+            )  # fmt: skip
             trainer.fit(LMModule(model), DataLoader([batch] * args.steps, batch_size=None))
             times[arm] += timer.times[1:]
     off, on = statistics.median(times["off"]), statistics.median(times["on"])

@@ -32,6 +32,7 @@ from longact_lightning.callbacks.local_rows import fsdp1_flat_shards
 from longact_lightning.saliency import find_qk_projections
 from longact_lightning.saliency.projections import clean_name
 from tests.helpers.models import LMModule, random_lm_batches, tiny_model
+from tests.helpers.trainer import cpu_trainer
 
 ARCH = "llama_gqa"
 BATCH_SIZE = 4
@@ -163,19 +164,10 @@ def run(strategy_name: str, out: Path, steps: int, callback: str = "longact") ->
     explicit = _explicit_masks(module.model) if callback == "rowmask" else {}
     longact = LongAct(top_ratio=0.3) if callback == "longact" else GradientRowMask(explicit)
     grad_check = GradCheck(strategy_name, longact.row_mask if callback == "longact" else longact)
-    trainer = pl.Trainer(
-        strategy=_strategy(strategy_name),
-        accelerator="cpu",
-        devices=2,
-        num_nodes=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[longact, grad_check],
+    trainer = cpu_trainer(
+        steps, [longact, grad_check], strategy=_strategy(strategy_name), devices=2, num_nodes=1,
         use_distributed_sampler=True,
-    )
+    )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(module, DataLoader(batches, batch_size=None))
     fit_seconds = time.perf_counter() - start

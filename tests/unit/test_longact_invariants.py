@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -12,20 +11,11 @@ from torch.utils.data import DataLoader
 from longact_lightning.callbacks import LongAct
 from longact_lightning.saliency import find_qk_projections
 from tests.helpers.models import TINY_CONFIGS, LMModule, random_lm_batches, tiny_model
+from tests.helpers.trainer import cpu_trainer
 
 
 def _fit(module, callbacks, steps=20, **trainer_kwargs):
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **trainer_kwargs,
-    )
+    trainer = cpu_trainer(steps, callbacks, **trainer_kwargs)
     trainer.fit(module, DataLoader(random_lm_batches(steps), batch_size=None))
     return trainer
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -15,19 +14,11 @@ from longact_lightning.callbacks import ActivationSaliency, GradientRowMask, Lon
 from longact_lightning.rl.logprobs import grouped_completion_logprobs
 from longact_lightning.saliency import ChannelStats, find_qk_projections
 from tests.helpers.models import LMModule, random_lm_batches, tiny_model
+from tests.helpers.trainer import cpu_trainer
 
 
 def _trainer(steps, callbacks, **kwargs):
-    return pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **{"enable_checkpointing": False, **kwargs},
-    )
+    return cpu_trainer(steps, callbacks, **kwargs)
 
 
 def test_channel_stats_exclude_padding_bit_exactly():
