@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -169,6 +170,22 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_mo
     final = module.policy.state_dict()
     assert all(torch.isfinite(v).all() and torch.equal(v, weights[3][k]) for k, v in final.items())
     assert module._skipped_steps == 3
+
+
+def test_resuming_refuses_another_model_and_names_changed_settings(tiny_model_dir, tmp_path):
+    batch = _random_batch(seed=1)
+    trainer = _trainer(1)
+    trainer.fit(RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, lr=1e-6), datamodule=_FixedBatches([batch]))
+    ckpt = tmp_path / "step1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other")
+
+    two_steps = _FixedBatches([batch] * 2)
+    with pytest.raises(ValueError, match="trained from model=.*tiny.*this run asks for model=.*other"):
+        _trainer(2).fit(RLPolicyModule(model=str(other), tokenizer=TOKENIZER), two_steps, ckpt_path=ckpt)
+    changed_lr = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, lr=1e-3)
+    with pytest.warns(UserWarning, match=r"model.lr: 1e-06 -> 0.001"):
+        _trainer(2).fit(changed_lr, _FixedBatches([batch] * 2), ckpt_path=ckpt)
 
 
 def test_batches_are_pulled_only_after_the_previous_optimizer_step(tiny_model_dir):

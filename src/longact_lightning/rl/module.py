@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from longact_lightning.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
@@ -368,6 +369,25 @@ class RLPolicyModule(pl.LightningModule):
             )
 
     @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming trains this run's settings on the checkpoint's weights: refuse a checkpoint of another model (its
+        weights would silently replace the one asked for), and name every other setting that changed."""
+        saved = checkpoint.get("hyper_parameters", {})
+        current = dict(self.hparams)
+        if "model" in saved and not _same_model(saved["model"], current["model"]):
+            raise ValueError(
+                f"The checkpoint was trained from model={saved['model']!r}, this run asks for "
+                f"model={current['model']!r}: resuming would train the checkpoint's weights under the new name. Resume "
+                "with the checkpoint's model, or start a new run (no ckpt_path) to train the other one."
+            )
+        changed = {key: (saved[key], value) for key, value in current.items() if key in saved and saved[key] != value}
+        if changed:
+            rank_zero_warn(
+                "Resuming with settings that differ from the checkpoint's, applied from this step on: "
+                + ", ".join(f"model.{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
+            )
+
+    @override
     def log(self, name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
         """``LightningModule.log`` with a default ``batch_size``: with the ``dataloader_iter`` signature Lightning
         cannot infer it and rejects every ``log`` call without one — including callbacks logging through
@@ -561,3 +581,11 @@ def _validate_training_args(
             raise ValueError(f"export_every_n_steps={export_every_n_steps} must be >= 1, or None.")
         if export_dir is None:
             raise ValueError(f"export_every_n_steps={export_every_n_steps} needs export_dir; set export_dir too.")
+
+
+def _same_model(a: str, b: str) -> bool:
+    """The same name, or two spellings of one existing directory."""
+    if a == b:
+        return True
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
