@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from longact_lightning.callbacks.activation_saliency import ActivationSaliency
+
 
 class RunSummary(Callback):
     """Collects a few per-step metrics and prints steps, reward start -> end, accuracy, sparsity, tokens/s, time.
@@ -19,7 +21,7 @@ class RunSummary(Callback):
         window: steps averaged for the "start" and "end" values (single steps of RL reward are noisy).
     """
 
-    TRACKED = ("train/reward_mean", "train/accuracy", "train/tokens_per_s", "longact/selected_fraction")
+    TRACKED = ("train/reward_mean", "train/accuracy", "train/tokens_per_s")
 
     def __init__(self, window: int = 3) -> None:
         if window < 1:
@@ -32,7 +34,10 @@ class RunSummary(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
-        self._first_step = trainer.global_step
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_step = trainer.global_step  # after a resume's loop state is restored, unlike at fit start
 
     @override
     def on_train_batch_end(
@@ -55,8 +60,7 @@ class RunSummary(Callback):
         table.add_row("optimizer steps", f"{self._first_step} -> {trainer.global_step}")
         table.add_row("reward (mean of first -> last steps)", self._start_end("train/reward_mean"))
         table.add_row("accuracy", self._start_end("train/accuracy"))
-        sparsity = self.history["longact/selected_fraction"]
-        table.add_row("Q/K rows trainable", f"{100 * sparsity[-1]:.1f} %" if sparsity else "all (LongAct off)")
+        table.add_row("Q/K rows trainable", _trainable_rows(trainer))
         tps = self.history["train/tokens_per_s"]
         table.add_row("train tokens/s (median)", f"{sorted(tps)[len(tps) // 2]:.0f}" if tps else "-")
         table.add_row("wall time", f"{time.perf_counter() - self._start:.0f} s")
@@ -69,3 +73,16 @@ class RunSummary(Callback):
         first = values[: self.window]
         last = values[-self.window :]
         return f"{sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f}"
+
+
+def _trainable_rows(trainer: pl.Trainer) -> str:
+    """The share of query/key channels the run's selection keeps trainable, read from the callback's masks (so a
+    resumed run, which selects nothing, reports the masks it restored)."""
+    saliency = next((cb for cb in trainer.callbacks if isinstance(cb, ActivationSaliency)), None)
+    if saliency is None:
+        return "all (no LongAct callback)"
+    masks = list(saliency.channel_masks.values())
+    if not masks:
+        return "none selected yet"
+    kept = sum(int(mask.sum()) for mask in masks) / sum(mask.numel() for mask in masks)
+    return f"{100 * kept:.1f} % (mode {saliency.mode})"
