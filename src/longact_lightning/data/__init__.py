@@ -1,7 +1,8 @@
-"""Tasks: prompt records and sources (RULER, LongBench v2, JSONL, HF datasets), their rewards, and the DataModule
-that turns prompts into rollout batches."""
+"""Tasks: prompt records and sources (RULER, LongBench v2, InfiniteBench, JSONL, HF datasets), their rewards, and
+the DataModule that turns prompts into rollout batches."""
 
 from longact_lightning.data.datamodule import RolloutDataModule
+from longact_lightning.data.infinitebench import InfiniteBenchSource
 from longact_lightning.data.longbench import LongBenchV2Source
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.data.ruler import RulerSource
@@ -9,6 +10,7 @@ from longact_lightning.data.sources import HFDatasetSource, JsonlSource, PromptS
 
 __all__ = [
     "HFDatasetSource",
+    "InfiniteBenchSource",
     "JsonlSource",
     "LongBenchV2Source",
     "PromptRecord",

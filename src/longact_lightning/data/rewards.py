@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 
-from longact_lightning.data import longbench, ruler
+from longact_lightning.data import infinitebench, longbench, ruler
 from longact_lightning.data.records import PromptRecord
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,22 @@ def contains_match(completion: str, record: PromptRecord) -> float:
     return 1.0 if any(reference in completion for reference in _references(record)) else 0.0
 
 
+def infinitebench_first_int(completion: str, record: PromptRecord) -> float:
+    """InfiniteBench passkey / number_string: 1 if the completion's first run of digits is the key, else 0."""
+    return float(infinitebench.first_int_match(completion) == _references(record)[0])
+
+
+def infinitebench_kv_match(completion: str, record: PromptRecord) -> float:
+    """InfiniteBench kv_retrieval: 1 if the value is one of the completion's words (punctuation as spaces)."""
+    return float(_references(record)[0] in infinitebench.retrieval_words(completion))
+
+
 METRICS: dict[str, RewardFn] = {
     "string_match_all": string_match_all,
     "string_match_part": string_match_part,
     "longbench_v2_match": longbench_v2_match,
+    "infinitebench_first_int": infinitebench_first_int,
+    "infinitebench_kv_match": infinitebench_kv_match,
     "exact_match": exact_match,
     "contains_match": contains_match,
 }
@@ -85,6 +97,9 @@ DEFAULT_METRIC: dict[str, str] = {
     "qa_1": "string_match_part",
     "qa_2": "string_match_part",
     longbench.TASK: "longbench_v2_match",
+    "passkey": "infinitebench_first_int",
+    "number_string": "infinitebench_first_int",
+    "kv_retrieval": "infinitebench_kv_match",
 }
 
 
