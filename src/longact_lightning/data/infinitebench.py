@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from longact_lightning.data.records import PromptRecord
+from longact_lightning.data.records import PromptRecord, chat_prompt_ids
 from longact_lightning.data.sources import PromptSource, resolve_tokenizer
 
 TASKS = ("passkey", "number_string", "kv_retrieval")
@@ -131,11 +131,7 @@ class InfiniteBenchSource(PromptSource):
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens of the prompt as the policy sees it (its chat template, when the tokenizer has one)."""
-        text = prompt
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(chat_prompt_ids(self.tokenizer, PromptRecord(prompt=prompt, answers=(), task=self.task)))
 
     def _sized_units(self) -> int:
         if self._units is None:
