@@ -25,16 +25,15 @@ from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.models import EMBEDDED_MODEL, check_model_path
 from longact_lightning.rl.module import RLPolicyModule
 
-DEFAULT_ROOT = "runs/longact"  # where a run writes when neither trainer.default_root_dir nor a logger says
+# Where a run writes when neither trainer.default_root_dir nor a logger says: the default loggers' <save_dir>/<name>.
+_DEFAULT_LOGS = {"save_dir": "runs", "name": "longact"}
+DEFAULT_ROOT = f"{_DEFAULT_LOGS['save_dir']}/{_DEFAULT_LOGS['name']}"
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
     "max_epochs": -1,
     "logger": [
-        {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": "runs", "name": "longact"},
-        },
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "longact"}},
+        {"class_path": f"lightning.pytorch.loggers.{kind}", "init_args": dict(_DEFAULT_LOGS)}
+        for kind in ("TensorBoardLogger", "CSVLogger")
     ],
 }
 
@@ -157,7 +156,7 @@ class LongActCLI(LightningCLI):
         if root is not None:
             for logger in config.get("trainer.logger") or []:
                 args = getattr(logger, "init_args", None)
-                if args is not None and args.get("save_dir") == DEFAULT_ROOT.split("/")[0]:  # the defaults' own
+                if args is not None and args.get("save_dir") == _DEFAULT_LOGS["save_dir"]:  # the defaults' own
                     args["save_dir"], args["name"] = root, "logs"
         if "checkpoint" in config and config.get("checkpoint.dirpath") is None:
             config["checkpoint.dirpath"] = f"{root or DEFAULT_ROOT}/checkpoints"

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -134,17 +135,20 @@ def fsdp1_root(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, FullyShardedDataParallel)), None)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     """Clip ``model``'s gradients to a global norm of ``max_norm``; returns the norm before clipping (a plain tensor,
-    equal on every rank; every rank must call it).
+    equal on every rank; every rank must call it). ``None`` only measures the norm and leaves the gradients alone.
 
     Full gradients (one device, DDP) and FSDP2 ``DTensor`` gradients go through ``torch.nn.utils.clip_grad_norm_``
     (DTensor reduces the shards' norms). FSDP1's gradients are 1-D pieces of flat parameters, which that function
     would take for the whole: the root unit's own ``clip_grad_norm_`` sums their squares over the shard group.
     """
     root = fsdp1_root(model)
-    if root is not None:
-        return root.clip_grad_norm_(max_norm)
+    if root is not None:  # FSDP1 has no measure-only call; an infinite bound scales by 1
+        return root.clip_grad_norm_(math.inf if max_norm is None else max_norm)
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if max_norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

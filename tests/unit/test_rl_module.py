@@ -149,10 +149,12 @@ def test_each_optimizer_step_sees_only_its_own_gradient(tiny_model_dir):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0)
 
 
-def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_model_dir):
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])  # with clipping, and measured only
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_model_dir, max_grad_norm):
     module = RLPolicyModule(
-        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=1e-2, micro_batch_size=6, max_nonfinite_steps=2
-    )
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=1e-2, micro_batch_size=6, max_nonfinite_steps=2,
+        max_grad_norm=max_grad_norm,
+    )  # fmt: skip
     good = _random_batch(seed=1)
     bad = dataclasses.replace(_random_batch(seed=2), rewards=torch.full((6,), math.nan))  # NaN advantages, loss, grads
     weights = []

@@ -9,7 +9,13 @@ from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import MixedPrecision
 
-from longact_lightning.sharding import data_parallel_mesh, fsdp1_root, fsdp1_wrap, fully_shard_decoder_layers
+from longact_lightning.sharding import (
+    clip_grad_norm,
+    data_parallel_mesh,
+    fsdp1_root,
+    fsdp1_wrap,
+    fully_shard_decoder_layers,
+)
 from tests.helpers.models import tiny_model
 
 
@@ -53,3 +59,13 @@ def test_fsdp2_needs_the_decoder_layer_classes():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="names no decoder layer class in `_no_split_modules`"):
         fully_shard_decoder_layers(model, mesh=None)
+
+
+def test_clip_grad_norm_measures_without_clipping_when_unbounded():
+    model = torch.nn.Linear(2, 2, bias=False)
+    model.weight.grad = torch.tensor([[3.0, 0.0], [0.0, 4.0]])  # norm 5
+    before = model.weight.grad.clone()
+    assert clip_grad_norm(model, None).item() == 5.0
+    assert torch.equal(model.weight.grad, before)  # measured only
+    assert clip_grad_norm(model, 1.0).item() == 5.0
+    torch.testing.assert_close(model.weight.grad, before / 5.0, rtol=1e-5, atol=0)

@@ -125,11 +125,8 @@ class ActivationSaliency(Callback):
         self._attach(pl_module)
         self._device = trainer.strategy.root_device  # not torch.cuda.current_device(): a colocated vLLM may move it
         if self.channel_masks:  # restored from a checkpoint
-            changed = {
-                key: (old, getattr(self, key))
-                for key, old in (self._restored_selection or {}).items()
-                if old != getattr(self, key)
-            }
+            current = self._selection_settings()
+            changed = {k: (old, current[k]) for k, old in (self._restored_selection or {}).items() if old != current[k]}
             if changed:  # applied, not silently mixed: the masks are selected again from the restored statistics
                 rank_zero_warn(
                     "Resuming with other selection settings than the checkpoint's ("
@@ -137,8 +134,8 @@ class ActivationSaliency(Callback):
                     + "): the masks are selected again from the checkpoint's statistics with the new settings."
                 )
                 self._select()
-                return
-            self._push_masks()
+            else:
+                self._push_masks()
             return
         if self.calibration_data is not None:
             self._calibrate(pl_module)

@@ -121,12 +121,11 @@ class InfiniteBenchSource(PromptSource):
     def __iter__(self) -> Iterator[PromptRecord]:
         units = self._sized_units()
         for index in range(self.num_samples):
-            rng = random.Random(f"{self.seed}/{self.task}/{index}")
-            n = units
-            prompt, answer = build(self.task, n, rng)
+            seed, n = f"{self.seed}/{self.task}/{index}", units
+            prompt, answer = build(self.task, n, random.Random(seed))
             while n > 0 and self.count_tokens(prompt) > self.target_length:  # this draw tokenized longer
                 n = int(n * 0.95)
-                prompt, answer = build(self.task, n, random.Random(f"{self.seed}/{self.task}/{index}"))
+                prompt, answer = build(self.task, n, random.Random(seed))
             yield PromptRecord(prompt=prompt, answers=(answer,), task=self.task, metadata={"index": index, "units": n})
 
     def count_tokens(self, prompt: str) -> int:

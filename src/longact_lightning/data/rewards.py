@@ -14,12 +14,14 @@ import math
 import re
 from collections.abc import Callable, Iterable
 
+import torch
+
 from longact_lightning.data import infinitebench, longbench, ruler
 from longact_lightning.data.records import PromptRecord
 
 log = logging.getLogger(__name__)
 
-_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # the batch's reward dtype
 
 RewardFn = Callable[[str, PromptRecord], float]
 

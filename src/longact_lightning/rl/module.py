@@ -341,7 +341,7 @@ class RLPolicyModule(pl.LightningModule):
         # Lightning runs the callbacks' hook first (the LongAct row mask zeroes frozen rows there), then this one, so
         # the norm is that of the gradient that is actually applied. Manual optimisation gets no automatic clipping.
         max_norm = self.hparams.max_grad_norm
-        grad_norm = clip_grad_norm(self.policy, math.inf if max_norm is None else max_norm)  # equal on every rank
+        grad_norm = clip_grad_norm(self.policy, max_norm)  # equal on every rank; None measures without clipping
         if not torch.isfinite(grad_norm):
             self._skip_update(optimizer, float(grad_norm))
         else:
