@@ -1,8 +1,10 @@
 """``longact``: the LightningCLI entry point (``longact fit --config configs/qwen_dapo.yaml``).
 
-``fit`` / ``validate`` / ``test`` are Lightning's own; ``profile`` and ``eval`` are methods of :class:`LongActTrainer`
-so they take the same ``--config`` and the same model/data sections. Values the module and the DataModule share (the
-model path, the sampling temperature, the completion budget) are linked, not repeated.
+``fit`` / ``validate`` / ``test`` are Lightning's own (held-out scores of ``data.val_source`` / ``data.test_source``;
+``predict`` is not offered: an RL policy has nothing to predict that ``eval`` does not do); ``profile`` and ``eval``
+are methods of :class:`LongActTrainer` so they take the same ``--config`` and the same model/data sections. Values the
+module and the DataModule share (the model path, the sampling temperature, the completion budget) are linked, not
+repeated.
 
 Two callbacks are top-level config sections rather than entries of ``trainer.callbacks``, because runs and ablations
 change them most: ``longact:`` (:class:`LongAct`; ``--longact.mode none`` is the uniform-update baseline, which still
@@ -24,6 +26,7 @@ from longact_lightning.callbacks import HostMemoryReuse, LongAct, RankSafeCheckp
 from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.models import EMBEDDED_MODEL, check_model_path
 from longact_lightning.rl.module import RLPolicyModule
+from longact_lightning.stopping import EXIT_CODE, LocalSignalConnector
 
 # Where a run writes when neither trainer.default_root_dir nor a logger says: the default loggers' <save_dir>/<name>.
 _DEFAULT_LOGS = {"save_dir": "runs", "name": "longact"}
@@ -39,7 +42,12 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 class LongActTrainer(Trainer):
-    """Lightning's Trainer plus the ``profile`` and ``eval`` subcommands."""
+    """Lightning's Trainer plus the ``profile`` and ``eval`` subcommands, and a SIGTERM handler that only records
+    the signal (see :class:`~longact_lightning.stopping.LocalSignalConnector`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._signal_connector = LocalSignalConnector(self)
 
     def profile(
         self,
@@ -49,6 +57,7 @@ class LongActTrainer(Trainer):
         tasks: list[str] | None = None,
         long_length: int = 1024,
         short_length: int = 384,
+        lengths: list[int] | None = None,
         num_samples: int = 4,
         top_ratio: float = 0.3,
         statistic: Literal["mean_abs", "rms", "max_abs"] = "mean_abs",
@@ -65,6 +74,8 @@ class LongActTrainer(Trainer):
             tasks: RULER tasks; default: the source's task plus two others (RULER source) or the source's records.
             long_length: target (or truncation) length of the long context, in tokens.
             short_length: the same for the short context.
+            lengths: profile at each of these lengths instead of the long and short one (e.g. ``[1024, 2048, 4096,
+                8128]``): concentration per length and mask overlap between every two lengths.
             num_samples: prompts per task and length.
             top_ratio: fraction of channels in the selected mask (paper: 0.3).
             statistic: per-channel statistic over real tokens.
@@ -76,8 +87,8 @@ class LongActTrainer(Trainer):
 
         run_profile(
             model, datamodule, output_dir, tasks=tasks, long_length=long_length, short_length=short_length,
-            num_samples=num_samples, top_ratio=top_ratio, statistic=statistic, batch_size=batch_size,
-            ckpt_path=ckpt_path, compare_model=compare_model,
+            lengths=lengths, num_samples=num_samples, top_ratio=top_ratio, statistic=statistic,
+            batch_size=batch_size, ckpt_path=ckpt_path, compare_model=compare_model,
         )  # fmt: skip
 
     def eval(
@@ -120,7 +131,8 @@ class LongActTrainer(Trainer):
 class LongActCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "profile": {"model", "datamodule"}, "eval": {"model", "datamodule"}}
+        lightning = {name: args for name, args in LightningCLI.subcommands().items() if name != "predict"}
+        return {**lightning, "profile": {"model", "datamodule"}, "eval": {"model", "datamodule"}}
 
     def before_instantiate_classes(self) -> None:
         """Reject bad callback arguments and a model or tokenizer path that does not exist as parser errors naming the
@@ -208,14 +220,15 @@ def main() -> None:
     """The ``longact`` console script.
 
     A run stopped by SIGTERM has saved its checkpoint (``checkpoint.save_on_exception``); it exits with the
-    conventional 128 + 15 rather than Lightning's 0, so a scheduler can tell it apart from a finished run.
+    conventional 128 + 15 rather than Lightning's 0 (when Lightning itself stops between steps), so a scheduler can
+    tell it apart from a finished run.
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
         cli_main()
     except SIGTERMException:
-        raise SystemExit(143) from None
+        raise SystemExit(EXIT_CODE) from None
 
 
 if __name__ == "__main__":

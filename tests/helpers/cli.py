@@ -29,6 +29,7 @@ OUT_ENV = "LONGACT_TEST_OUT"
 FLAT_RANK_ENV = "LONGACT_TEST_FLAT_RANK"
 FLAT_EVERY_ENV = "LONGACT_TEST_FLAT_EVERY"
 SLEEP_ENV = "LONGACT_TEST_STEP_SLEEP"
+PASS_SLEEP_ENV = "LONGACT_TEST_PASS_SLEEP"
 FAIL_RANK_ENV = "LONGACT_TEST_FAIL_RANK"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -232,6 +233,11 @@ def _rank() -> int:
     return 0
 
 
+def index_score(completion: str, record: PromptRecord) -> float:
+    """A held-out metric whose value is known by hand, whatever the model: 1 for every third record of the source."""
+    return float(record.metadata["index"] % 3 == 0)
+
+
 _CALLS = [0]
 
 
@@ -257,7 +263,8 @@ def logged_reward(completion: str, record: PromptRecord) -> float:
 class RunRecorder(pl.Callback):
     """Records what the tests check, per rank, into ``$LONGACT_TEST_OUT``:
 
-    * ``progress_rank{r}.json`` after every step (global step, pid), so a test knows when to signal;
+    * ``progress_rank{r}.json`` after every step (global step, pid), so a test knows when to signal, and
+      ``phase_rank{r}.json`` when a step's generation and its first scoring/update pass start;
     * after every weight sync into a vLLM engine, the engine's log-probs of fixed sequences against those of the full
       (gathered) policy, and the engine's ``(rank, local_rank)``;
     * ``batch_rank{r}_step{s}.pt``: the first step's rollout batch, and each step's logged gradient norm;
@@ -269,7 +276,8 @@ class RunRecorder(pl.Callback):
       final full weights (to compare ranks and the export).
 
     ``$LONGACT_TEST_STEP_SLEEP`` seconds of sleep after each step pace a run for the signal tests;
-    ``$LONGACT_TEST_FAIL_RANK`` makes that rank alone raise after step 2.
+    ``$LONGACT_TEST_FAIL_RANK`` makes that rank alone raise after step 2; ``$LONGACT_TEST_PASS_SLEEP`` seconds of sleep
+    in every scoring/update pass make the update phase long enough to signal inside it.
     """
 
     SEQUENCES_START = 6  # fixed sequences: 6 prompt tokens, then 10 scored ones
@@ -284,6 +292,7 @@ class RunRecorder(pl.Callback):
         self.engine_workers: list[list[int]] = []
         self.start_params: dict[str, torch.Tensor] = {}
         self.start_masks: dict[str, torch.Tensor] = {}
+        self._phase: dict[str, Any] = {}
 
     @staticmethod
     def _longact(trainer: pl.Trainer):
@@ -295,13 +304,30 @@ class RunRecorder(pl.Callback):
         datamodule = trainer.datamodule
         sync = datamodule.sync_weights
 
-        def sync_then_check() -> None:
+        def sync_then_check(*args: Any, **kwargs: Any) -> None:
             before = datamodule.totals["weight_syncs"]
-            sync()
+            sync(*args, **kwargs)
             if datamodule.totals["weight_syncs"] > before and hasattr(datamodule.engine, "llm"):
                 self._check_engine(trainer, pl_module, datamodule.engine)
 
         datamodule.sync_weights = sync_then_check
+        logprobs, pass_sleep = pl_module._logprobs, float(os.environ.get(PASS_SLEEP_ENV, "0"))
+
+        def marked_logprobs(*args: Any, **kwargs: Any) -> Any:
+            self._mark_phase(trainer, "update")
+            time.sleep(pass_sleep)
+            return logprobs(*args, **kwargs)
+
+        pl_module._logprobs = marked_logprobs
+
+    def _mark_phase(self, trainer: pl.Trainer, phase: str) -> None:
+        marker = {"phase": phase, "global_step": trainer.global_step, "time": time.time()}
+        if marker["phase"] != self._phase.get("phase") or marker["global_step"] != self._phase.get("global_step"):
+            (self.out / f"phase_rank{trainer.global_rank}.json").write_text(json.dumps(marker))
+            self._phase = marker
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._mark_phase(trainer, "generation")  # the module's training_step pulls (generates) its batch next
 
     def _check_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, engine: Any) -> None:
         state = {k.removeprefix("policy."): v for k, v in full_policy_state(trainer, pl_module).items()}

@@ -25,6 +25,8 @@ The last cases make one rank's dynamic sampling give up (both ranks stop with th
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -273,3 +275,46 @@ def test_sequence_parallel_ranks_train_like_one_process(tmp_path):
     assert verdicts[0]["grad_norms"][0] == pytest.approx(expected, rel=1e-5)
     assert verdicts[1]["grad_norms"][0] == verdicts[0]["grad_norms"][0]
     assert verdicts[0]["saliency_tokens"] == tokens  # each token counted once, on the rank holding it
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_pass(tmp_path):
+    """Only rank 1 gets SIGTERM, inside step 2's update passes (FSDP2: every pass and the checkpoint save are
+    collectives). It announces the stop; both ranks leave after the same pass, save the state of step 2's start
+    together (no periodic checkpoint: the one on disk is the signal's) and exit 143 within seconds."""
+    out = tmp_path / "out"
+    overrides = {"trainer.max_steps": 40, "model.micro_batch_size": 1, "checkpoint.every_n_train_steps": 1000}
+    config = _config(tmp_path, "fsdp2", out, **overrides)
+    out.mkdir()
+    cmd = [sys.executable, "-m", "longact_lightning.cli", "fit", "--config", str(config)]
+    env = subprocess_env(out, LONGACT_TEST_PASS_SLEEP="1.0")
+    with open(out / "cli.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while _marker(out / "phase_rank1.json") != {"phase": "update", "global_step": 2}:
+            assert proc.poll() is None and time.monotonic() < deadline, (out / "cli.log").read_text()[-6000:]
+            time.sleep(0.02)
+        assert not list((out / "checkpoints").glob("*.ckpt"))  # none but the signal's to come
+        rank1 = json.loads((out / "progress_rank1.json").read_text())["pid"]
+        time.sleep(0.5)
+        start = time.perf_counter()
+        os.kill(rank1, signal.SIGTERM)
+        returncode = proc.wait(timeout=120)
+        seconds = time.perf_counter() - start
+    text = (out / "cli.log").read_text()
+    assert returncode == 143, f"exit {returncode}\n{text[-6000:]}"
+    assert seconds < 10, f"{seconds:.1f}s from SIGTERM to exit"
+    assert text.count("during the update passes") == WORLD, text[-6000:]  # each rank stopped inside the step
+    saved = torch.load(out / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=False)
+    assert saved["global_step"] == 2
+    # rank r reads records r, r + 2, ...: two steps of 2 prompts put rank 0 after record 6 and rank 1 after record 7
+    # (the abandoned step's prompts, 8-11, are not counted)
+    assert saved["RolloutDataModule"]["rank_positions"] == [[0, 7], [0, 8]]
+    assert saved["RolloutDataModule"]["prompts_consumed"] == 8
+
+
+def _marker(path: Path) -> dict:
+    try:
+        marker = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or caught mid-write
+        return {}
+    return {"phase": marker["phase"], "global_step": marker["global_step"]}

@@ -1,4 +1,5 @@
-"""Crash safety of ``longact fit``: SIGKILL after a checkpoint, then ``--ckpt_path last``; and SIGTERM mid-run.
+"""Crash safety of ``longact fit``: SIGKILL after a checkpoint, then ``--ckpt_path last``; SIGTERM between steps and
+inside a step's generation or update phase.
 
 Each run is the real CLI in a subprocess (tiny saved model, RULER prompts, HF engine, LongAct at 0.3, a checkpoint
 every step). :class:`tests.helpers.cli.RunRecorder` paces the steps (``$LONGACT_TEST_STEP_SLEEP``),
@@ -30,10 +31,12 @@ PROMPTS_PER_STEP = 2
 MORE_STEPS = 3
 
 
-def _start(config: Path, out: Path, cwd: Path, *args: str, sleep: float = 0.0) -> subprocess.Popen:
+def _start(
+    config: Path, out: Path, cwd: Path, *args: str, sleep: float = 0.0, pass_sleep: float = 0.0
+) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "longact_lightning.cli", "fit", "--config", str(config), *args]
-    env = subprocess_env(out, LONGACT_TEST_STEP_SLEEP=str(sleep))
+    env = subprocess_env(out, LONGACT_TEST_STEP_SLEEP=str(sleep), LONGACT_TEST_PASS_SLEEP=str(pass_sleep))
     log = open(out / "cli.log", "w")  # noqa: SIM115 - closed when the process is reaped
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -182,3 +185,88 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert len(_longact_state(last)["row_mask"]["masks"]) == 4
     assert not (out / "rank0.json").exists()  # it stopped, it did not train to max_steps
     print(f"SIGTERM at step {reported}: exit code {returncode} after {seconds:.1f}s, saved {saved}")
+
+
+def _phase(out: Path) -> dict:
+    path = out / "phase_rank0.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:  # caught mid-write
+        return {}
+
+
+def _wait_for_phase(proc: subprocess.Popen, out: Path, phase: str, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited with {proc.returncode} before the {phase} of step {step}:\n{_log(out)}")
+        marker = _phase(out)
+        if marker.get("phase") == phase and marker.get("global_step") == step:
+            return
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no {phase} of step {step} within {timeout}s:\n{_log(out)}")
+
+
+# phase -> (overrides, seconds of sleep per pass, where the run says it stopped). generation: completions of 900 tokens
+# (the random tiny model almost never samples EOS), seconds of decoding; update: one sequence per pass and a second of
+# sleep in each of the step's 4 passes.
+PHASES = {
+    "generation": ({"data.max_new_tokens": 900}, 0.0, "during generation"),
+    "update": ({"model.micro_batch_size": 1}, 1.0, "during the update passes"),
+}
+
+
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_sigterm_inside_a_step_exits_within_seconds_with_the_last_completed_step(tmp_path, phase):
+    """SIGTERM while the third step generates or trains: exit 143 within 10 s, with a checkpoint equal to that of a run
+    that stopped normally after two steps: weights, optimizer state, data position and the saliency statistics
+    (collected through step 4, so the abandoned step's passes had added to them). The resumed run trains the
+    abandoned step's prompts."""
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    reference, out, resumed = tmp_path / "reference", tmp_path / "run", tmp_path / "resumed"
+    overrides, pass_sleep, where = PHASES[phase]
+    # no periodic checkpoint: the one the interrupted run leaves is the signal's
+    overrides = {"longact.collect_steps": 4, "checkpoint.every_n_train_steps": 1000, **overrides}
+    config = write_run_config(tmp_path / "ref.yaml", model_dir, reference, **{"trainer.max_steps": 2, **overrides})
+    assert _start(config, reference, tmp_path).wait(timeout=600) == 0, _log(reference)
+    before = _load(reference / "checkpoints" / "last.ckpt")
+
+    config = write_run_config(tmp_path / "run.yaml", model_dir, out, **{"trainer.max_steps": 40, **overrides})
+    proc = _start(config, out, tmp_path, pass_sleep=pass_sleep)
+    _wait_for_phase(proc, out, phase, 2)
+    assert not list((out / "checkpoints").glob("*.ckpt"))  # none but the signal's to come
+    time.sleep(0.5)
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    returncode = proc.wait(timeout=120)
+    seconds = time.perf_counter() - start
+    text = _log(out)
+    assert returncode == 128 + signal.SIGTERM, f"exit code {returncode}\n{text}"
+    assert seconds < 10, f"{seconds:.1f}s from SIGTERM to exit"
+    assert where in text, text
+    assert _phase(out)["global_step"] == 2  # it stopped inside step 2, not after it
+
+    after = _load(out / "checkpoints" / "last.ckpt")
+    assert after["global_step"] == before["global_step"] == 2
+    assert after["state_dict"].keys() == before["state_dict"].keys()
+    for name, tensor in before["state_dict"].items():
+        assert torch.equal(after["state_dict"][name], tensor), name
+    for old, new in zip(
+        before["optimizer_states"][0]["state"].values(), after["optimizer_states"][0]["state"].values()
+    ):
+        assert all(torch.equal(old[key], new[key]) for key in old)
+    position = ("epoch", "prompts_consumed", "rank_positions", "source")  # the totals count the abandoned work too
+    assert [after["RolloutDataModule"][k] for k in position] == [before["RolloutDataModule"][k] for k in position]
+    assert after["RolloutDataModule"]["prompts_consumed"] == PROMPTS_PER_STEP * 2
+    stats_before, stats_after = _longact_state(before)["stats"], _longact_state(after)["stats"]
+    assert stats_after.keys() == stats_before.keys() and stats_before
+    for key, stats in stats_before.items():
+        assert all(torch.equal(stats_after[key][name], value) for name, value in stats.items()), key
+
+    proc = _start(config, resumed, tmp_path, "--ckpt_path", "last", "--trainer.max_steps", "3")
+    assert proc.wait(timeout=600) == 0, _log(resumed)
+    verdict = json.loads((resumed / "rank0.json").read_text())
+    assert (verdict["start_step"], verdict["steps"]) == (2, [3])
+    assert _scored(resumed) == list(range(PROMPTS_PER_STEP * 2, PROMPTS_PER_STEP * 3))
+    print(f"SIGTERM during {phase} of step 2: exit {returncode} after {seconds:.1f}s")

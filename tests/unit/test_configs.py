@@ -230,6 +230,13 @@ def test_unknown_key_is_named(capsys, tmp_path):
     assert "longact.top_ration" in _fails(capsys, "--config", str(extra))
 
 
+def test_predict_is_not_offered(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["predict", "--config", str(DEMO)])
+    assert info.value.code == 2
+    assert "invalid choice: 'predict' (choose from" in capsys.readouterr().err
+
+
 def test_bad_callback_value_fails_before_the_model_loads(capsys, monkeypatch):
     loaded = []
     monkeypatch.setattr("longact_lightning.rl.module.load_causal_lm", lambda *a, **k: loaded.append(a))

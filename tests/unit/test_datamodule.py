@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -32,7 +33,9 @@ class FakeEngine:
         self.generated: list[list[tuple[int, ...]]] = []
         self.loads: list[list[str]] = []
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, should_stop: Any = None
+    ) -> list[list[Rollout]]:
         self.generated.append([tuple(p) for p in prompts])
         groups = []
         for prompt in prompts:
@@ -217,6 +220,92 @@ def test_resume_skips_consumed_prompts(tokenizer):
     batches = list(resumed.train_dataloader())
     assert [indices(b, resumed, source) for b in batches] == [[4, 5], [6]]  # the pass ends with a partial batch
     assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["prompts_consumed"] == 0
+
+
+def test_a_checkpoint_taken_before_the_batch_is_trained_resumes_before_its_prompts(tokenizer):
+    """SIGTERM or Ctrl-C between handing a batch out and its optimizer step: the saved position is the one before
+    the batch, so the resumed run trains those prompts (not: skips them untrained)."""
+    source = records(*[VARIED] * 7)
+    dm, _ = make(tokenizer, source)
+    step = [0]
+    dm.connect(torch.nn.Linear(1, 1), lambda: step[0])
+    stream = iter(dm.train_dataloader())
+    next(stream)
+    assert dm.state_dict()["prompts_consumed"] == 0  # handed out, not trained
+    step[0] = 1
+    assert dm.state_dict()["prompts_consumed"] == 2  # its optimizer step happened
+    next(stream)
+    assert dm.state_dict()["prompts_consumed"] == 2
+    state = dm.state_dict()
+
+    resumed, _ = make(tokenizer, source)
+    resumed.connect(torch.nn.Linear(1, 1), lambda: 1)
+    resumed.load_state_dict(state)
+    stream = iter(resumed.train_dataloader())
+    assert indices(next(stream), resumed, source) == [2, 3]
+    assert resumed.state_dict()["prompts_consumed"] == 2  # interrupted again right after a resume: still before it
+
+
+def test_an_interrupted_generation_stops_the_step(tokenizer):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from longact_lightning.rollout.base import GenerationInterrupted
+
+    dm, engine = make(tokenizer, records(VARIED, VARIED))
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise GenerationInterrupted("stopped")
+
+    engine.generate = interrupted
+    with pytest.raises(SIGTERMException) as caught:
+        next(iter(dm.train_dataloader()))
+    assert caught.value.code == 143
+    assert dm.state_dict()["prompts_consumed"] == 0
+
+
+def test_resuming_on_another_source_reads_it_from_the_start_and_says_so(tokenizer, caplog):
+    first, other = records(*[VARIED] * 6), records(*[VARIED] * 6, prompt="Where is the other needle?")
+    dm, _ = make(tokenizer, first)
+    dm.setup("fit")
+    stream = iter(dm.train_dataloader())
+    next(stream)
+    state = dm.state_dict()
+    assert state["prompts_consumed"] == 2 and state["source"].startswith("list(test, first record ")
+
+    same, _ = make(tokenizer, first)
+    same.setup("fit")
+    same.load_state_dict(state)
+    assert indices(next(iter(same.train_dataloader())), same, first) == [2, 3]
+
+    changed, _ = make(tokenizer, other)
+    changed.setup("fit")
+    changed.load_state_dict(state)
+    with caplog.at_level(logging.WARNING):
+        batch = next(iter(changed.train_dataloader()))
+    assert indices(batch, changed, other) == [0, 1]
+    assert f"data.source is not the checkpoint's ({state['source']} -> list(test, first record " in caplog.text
+
+
+def test_held_out_records_are_shared_out_by_rank_scored_and_fitted_to_the_context(tokenizer, caplog):
+    source = records(*[VARIED] * 7)
+    source[5] = PromptRecord("word " * 400, ("x",), "test", metadata={"index": 5})  # too long for the context below
+    by_index = lambda text, record: float(record.metadata["index"])  # noqa: E731
+    dm, engine = make(tokenizer, source, val_source=source, held_out_max_tokens=4, held_out_metric=by_index)
+    dm.held_out_batch_size = 2
+    engine.max_model_len = 64
+    dm._rank, dm._world = 1, 2
+    with caplog.at_level(logging.WARNING):
+        batches = list(dm.val_dataloader())
+    assert [[r.score for r in batch] for batch in batches] == [[1.0, 3.0]]  # rank 1 of 2: records 1, 3, (5)
+    assert "Held-out record 5 ('test') skipped" in caplog.text
+    assert batches[0][0].metric == "<lambda>" and batches[0][0].prediction == "sample 0"
+
+
+def test_held_out_sources_are_optional_for_validation_and_required_for_test(tokenizer):
+    dm, _ = make(tokenizer, records(VARIED))
+    assert dm.val_dataloader() == []
+    with pytest.raises(ValueError, match="data.test_source, which is not set"):
+        dm.test_dataloader()
 
 
 def test_empty_source_fails_in_setup(tokenizer):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from longact_lightning.data.records import PromptRecord
+from longact_lightning.data.scoring import RecordResult, evaluate_records, generation_budget
 from longact_lightning.eval.collect import left_pad, merge_stats
-from longact_lightning.eval.evaluate import RecordResult, evaluate_records, generation_budget, score_rows, summarize
+from longact_lightning.eval.evaluate import score_rows, summarize
 from longact_lightning.eval.metrics import (
     chance_jaccard,
     gini,
@@ -107,6 +108,14 @@ def test_comparisons_cover_tasks_lengths_and_checkpoints():
     assert kinds.count("checkpoint") == 6  # 3 tasks x 2 contexts
     assert ("task", ("policy", "t1", "long"), ("policy", "t2", "long")) in pairs
     assert ("length", ("compare", POOLED, "long"), ("compare", POOLED, "short")) in pairs
+
+
+def test_four_lengths_are_compared_pairwise():
+    contexts = ("8128", "4096", "2048", "1024")
+    conditions = [("policy", t, x) for t in ("t1", POOLED) for x in contexts]
+    pairs = comparisons(conditions, ["t1"])
+    assert [kind for kind, _, _ in pairs] == ["length"] * 12  # 2 tasks (pooled included) x 6 pairs of lengths
+    assert ("length", ("policy", POOLED, "8128"), ("policy", POOLED, "1024")) in pairs
 
 
 def test_stability_table_by_hand():
@@ -207,7 +216,7 @@ class _ScriptedEngine:
     def __init__(self, tokenizer, texts):
         self.tokenizer, self.texts, self.calls = tokenizer, list(texts), []
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, should_stop=None):
         self.calls.append(sampling)
         out = []
         for prompt in prompts:

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from longact_lightning.rl.logprobs import completion_logprobs
 from longact_lightning.rollout import HFEngine, RolloutEngine, SamplingConfig, build_engine
+from longact_lightning.rollout.base import GenerationInterrupted
 from longact_lightning.rollout.batch import RolloutBatch
 
 EOS, PAD = 2, 0
@@ -82,6 +83,20 @@ def test_seeded_runs_repeat_and_leave_global_rng_alone():
     second = engine.generate(PROMPTS, sampling)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert first == second
+
+
+def test_generation_stops_within_a_token_of_the_request():
+    engine = HFEngine(tiny_llama(0))
+    polls = []
+
+    def should_stop() -> bool:
+        polls.append(1)
+        return len(polls) >= 5
+
+    with pytest.raises(GenerationInterrupted, match="after 5 tokens"):
+        engine.generate(PROMPTS, SamplingConfig(n=2, max_tokens=40, seed=0), should_stop=should_stop)
+    full = engine.generate(PROMPTS, SamplingConfig(n=2, max_tokens=40, seed=0), should_stop=lambda: False)
+    assert [len(group) for group in full] == [2, 2, 2]
 
 
 def test_load_weights_copies_in_place_and_skips_shared_tensors():

@@ -96,3 +96,10 @@ def test_bad_arguments_name_the_value():
         InfiniteBenchSource("code_run", 1000)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         next(iter(InfiniteBenchSource("passkey", 1000)))
+
+
+@pytest.mark.parametrize(("task", "tokens"), [("passkey", 6), ("number_string", 12), ("kv_retrieval", 50)])
+def test_held_out_generation_uses_the_official_budget(task, tokens):
+    from longact_lightning.data.scoring import generation_budget
+
+    assert generation_budget(PromptRecord("p", ("1",), task)) == tokens

@@ -104,6 +104,7 @@ class ActivationSaliency(Callback):
         self._handles: list[RemovableHandle] = []
         self._pending_metrics: dict[str, float] = {}
         self._device: torch.device | None = None  # where the statistics are all-reduced
+        self._state_at_step_start: dict[str, Any] | None = None  # what a checkpoint taken mid-step holds
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -148,6 +149,9 @@ class ActivationSaliency(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # A step can be abandoned (SIGTERM, Ctrl-C) after its passes have added to the statistics; a checkpoint then
+        # holds the state the step started from, which a resumed run measures the step again from.
+        self._state_at_step_start = self._state(copy=True)
         step = trainer.global_step
         if not self._collecting and self._is_collection_step(step) and step >= self.collect_steps:
             self._reset_stats()  # a refresh window measures the current policy; the EMA lives in the scores
@@ -169,6 +173,7 @@ class ActivationSaliency(Callback):
         for name, value in self._pending_metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
         self._pending_metrics = {}
+        self._state_at_step_start = None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -179,8 +184,15 @@ class ActivationSaliency(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """Statistics, scores and masks after the last completed step (during a step: from before it)."""
+        return self._state_at_step_start or self._state(copy=False)
+
+    def _state(self, copy: bool) -> dict[str, Any]:
+        stats = {key: stats.state_dict() for key, stats in self.stats.items()}
+        if copy:
+            stats = {key: {name: t.clone() for name, t in state.items()} for key, state in stats.items()}
         return {
-            "stats": {key: stats.state_dict() for key, stats in self.stats.items()},
+            "stats": stats,
             "scores": {key: score.clone() for key, score in self.scores.items()},
             "channel_masks": {key: mask.clone() for key, mask in self.channel_masks.items()},
             "selections": self.selections,

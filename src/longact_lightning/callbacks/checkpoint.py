@@ -9,13 +9,18 @@ rank 0's main thread is blocked): the checkpoint is written only if every rank r
 ``agree_seconds``; otherwise no rank writes it (``last.ckpt`` of the last completed step stays), the failing rank
 exits, and the others' collective then fails and brings them here to the same "skip" decision.
 
-Every file it writes is written atomically (:class:`AtomicCheckpointIO`): a save that is killed or runs out of disk
-leaves the previous ``last.ckpt`` as it was.
+Every checkpoint it writes appears whole or not at all: a single file through :class:`AtomicCheckpointIO`; under
+FSDP, whose sharded checkpoints are directories that every rank writes its part of (and which Lightning would write
+into the previous ``last.ckpt`` in place), the whole save is staged beside the target and moved into place once
+every rank is done (:func:`stage_saves`). A save that is killed or runs out of disk leaves the previous ``last.ckpt``
+as it was. A ``last.ckpt`` damaged some other way (a disk error, a copy cut short)
+does not block the resume: the newest checkpoint beside it that loads is used instead, with a warning.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from contextlib import suppress
@@ -27,10 +32,12 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 _TEMP_SUFFIX = ".partial"
+_PREVIOUS_SUFFIX = ".previous"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -40,7 +47,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     that is another filesystem the move is a copy, and a kill or a full disk during it truncates the previous
     checkpoint. A rename within one directory either happens whole or not at all. A failed save removes its temporary
     file; one a kill leaves behind (``.<name>.<random>.partial``) is removed by :meth:`remove_stale` at the next start.
+
+    Loading a ``last*.ckpt`` that cannot be read falls back to the newest other ``*.ckpt`` of its directory that can.
     """
+
+    @override
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            target = Path(path)
+            if not target.name.startswith("last"):
+                raise
+            others = [p for p in target.parent.glob("*.ckpt") if p != target]
+            for candidate in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True):
+                try:
+                    checkpoint = super().load_checkpoint(candidate, *args, **kwargs)
+                except Exception:  # damaged too: try the next older one
+                    continue
+                rank_zero_warn(
+                    f"{target} cannot be loaded ({type(error).__name__}: {error}); resuming from {candidate} "
+                    f"(step {checkpoint.get('global_step')}), the newest checkpoint beside it that loads."
+                )
+                return checkpoint
+            raise RuntimeError(
+                f"{target} cannot be loaded ({type(error).__name__}: {error}) and no other checkpoint in "
+                f"{target.parent} loads; start without ckpt_path or point it at a good checkpoint."
+            ) from error
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -67,11 +102,63 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @staticmethod
     def remove_stale(directory: Path) -> list[Path]:
-        """Delete temporary files a killed save left in ``directory``; returns what was removed."""
-        stale = sorted(directory.glob(f".*{_TEMP_SUFFIX}")) if directory.is_dir() else []
+        """Delete what a killed save left in ``directory`` (temporary files, staged directories) and put back a
+        previous checkpoint a kill left set aside (see :func:`stage_saves`); returns what was removed."""
+        if not directory.is_dir():
+            return []
+        for previous in sorted(directory.glob(f".*{_PREVIOUS_SUFFIX}")):
+            target = previous.with_name(previous.name[1 : -len(_PREVIOUS_SUFFIX)])
+            if target.exists():
+                _remove(previous)
+            else:
+                os.replace(previous, target)
+        stale = sorted(directory.glob(f".*{_TEMP_SUFFIX}"))
         for path in stale:
-            path.unlink(missing_ok=True)
+            _remove(path)
         return stale
+
+
+def stage_saves(strategy: Strategy) -> None:
+    """Make ``strategy.save_checkpoint`` write to ``.<name>.partial`` beside the target, then (on rank 0, after every
+    rank has written its part) move it into place: a file by one rename, a directory by two (the old one set aside
+    as ``.<name>.previous`` in between, which :meth:`AtomicCheckpointIO.remove_stale` puts back if a kill falls
+    there)."""
+    save = strategy.save_checkpoint
+    if getattr(save, "stages_saves", False):
+        return
+
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        target = Path(filepath)
+        staging = target.with_name(f".{target.name}{_TEMP_SUFFIX}")
+        save(checkpoint, staging, storage_options)
+        strategy.barrier("longact_staged_save")
+        if strategy.is_global_zero:
+            _move_into_place(staging, target)
+        strategy.barrier("longact_staged_save_done")
+
+    save_checkpoint.stages_saves = True  # type: ignore[attr-defined]
+    strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    if staging.is_file() and not target.is_dir():
+        os.replace(staging, target)
+        return
+    previous = target.with_name(f".{target.name}{_PREVIOUS_SUFFIX}")
+    if previous.exists():
+        _remove(previous)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staging, target)
+    if previous.exists():
+        _remove(previous)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class RankSafeCheckpoint(ModelCheckpoint):
@@ -93,6 +180,8 @@ class RankSafeCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO stays
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):  # they write sharded directories
+            stage_saves(trainer.strategy)
         if trainer.is_global_zero and self.dirpath is not None:
             for path in AtomicCheckpointIO.remove_stale(Path(self.dirpath)):
                 rank_zero_warn(f"Removed {path}, the temporary file of a checkpoint save that was interrupted.")

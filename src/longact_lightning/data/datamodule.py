@@ -18,6 +18,7 @@ most a few unseen records skipped).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,12 +34,14 @@ from typing_extensions import override
 
 from longact_lightning.data.records import PromptRecord, chat_prompt_ids
 from longact_lightning.data.rewards import RewardFn, SafeReward, default_reward, resolve_reward
+from longact_lightning.data.scoring import RecordResult, evaluate_records, generation_budget
 from longact_lightning.data.sources import PromptSource
 from longact_lightning.models import EMBEDDED_MODEL, load_tokenizer
 from longact_lightning.rollout import build_engine
-from longact_lightning.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from longact_lightning.rollout.base import GenerationInterrupted, Rollout, RolloutEngine, SamplingConfig
 from longact_lightning.rollout.batch import RolloutBatch
 from longact_lightning.rollout.weight_sync import check_same_positions, full_named_parameters
+from longact_lightning.stopping import StopCheck, interrupted
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,16 @@ class RolloutDataModule(LightningDataModule):
             happened since the last push (1 = strictly on-policy). Sharded parameters are streamed into the engine
             a piece at a time (FSDP2: one parameter, FSDP1: one FSDP unit; see ``rollout.weight_sync``), so a sync
             never holds a second full copy of the model.
+        val_source: held-out prompts for the validation loop (``fit`` every ``trainer.val_check_interval`` training
+            batches, and ``longact validate``): greedy completions from the engine, right after a weight push, each
+            scored by its task's official metric (:func:`~longact_lightning.data.scoring.evaluate_records`, as
+            ``longact eval``); the module logs ``val/<task>/score``. Each rank scores every ``world_size``-th record.
+            ``None`` = no validation.
+        test_source: the same for ``longact test`` (``test/<task>/score``).
+        held_out_max_tokens: tokens to generate per held-out record; ``None`` = each benchmark's own budget (RULER's
+            per task, LongBench v2's, InfiniteBench's); required for tasks without one.
+        held_out_metric: score held-out records with this instead of each task's official metric (as ``reward``).
+        held_out_batch_size: held-out records per engine call (one validation batch).
     """
 
     def __init__(
@@ -111,6 +124,11 @@ class RolloutDataModule(LightningDataModule):
         mask_truncated: bool = False,
         reward: str | RewardFn | None = None,
         sync_every_n_steps: int = 1,
+        val_source: PromptSource | Iterable[PromptRecord] | None = None,
+        test_source: PromptSource | Iterable[PromptRecord] | None = None,
+        held_out_max_tokens: int | None = None,
+        held_out_metric: str | RewardFn | None = None,
+        held_out_batch_size: int = 32,
     ) -> None:
         super().__init__()
         if not hasattr(source, "__iter__"):
@@ -135,6 +153,13 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"overlong_penalty={overlong_penalty} must be >= 0 (it is subtracted from the reward).")
         if sync_every_n_steps < 1:
             raise ValueError(f"sync_every_n_steps={sync_every_n_steps} must be >= 1 (1 = sync after every step).")
+        for name, held_out in (("val_source", val_source), ("test_source", test_source)):
+            if held_out is not None and not hasattr(held_out, "__iter__"):
+                raise TypeError(f"{name}={held_out!r} is not iterable; pass a PromptSource or PromptRecords.")
+        if held_out_max_tokens is not None and held_out_max_tokens < 1:
+            raise ValueError(f"held_out_max_tokens={held_out_max_tokens} must be >= 1, or None for each task's own.")
+        if held_out_batch_size < 1:
+            raise ValueError(f"held_out_batch_size={held_out_batch_size} must be >= 1.")
         if (engine_options or {}).get("sleep_level") == 2 and sync_every_n_steps > 1:
             raise ValueError(
                 f"engine_options.sleep_level=2 discards the engine's weights after each generation, so they must be "
@@ -156,6 +181,11 @@ class RolloutDataModule(LightningDataModule):
         self.overlong_penalty = overlong_penalty
         self.mask_truncated = mask_truncated
         self.sync_every_n_steps = sync_every_n_steps
+        self.val_source, self.test_source = val_source, test_source
+        self.held_out_max_tokens = held_out_max_tokens
+        _resolve_reward(held_out_metric)  # a bad name or import path fails here, not at the first validation
+        self.held_out_metric = held_out_metric
+        self.held_out_batch_size = held_out_batch_size
         self._base_seed = seed
         self._rank, self._world = 0, 1  # data-parallel position, known in `setup`
         self._explicit_reward = _resolve_reward(reward)
@@ -169,10 +199,16 @@ class RolloutDataModule(LightningDataModule):
         # stream position: (pass, index after the last record this rank pulled in that pass); checkpointed
         self._epoch = 0
         self._consumed = 0
-        # every rank's position after the last yielded batch (what a checkpoint stores) and a loaded one not yet
-        # applied (the rank is known only once training starts)
+        # every rank's position after the last yielded batch, and a loaded one not yet applied (the rank is known
+        # only once training starts)
         self._positions: list[tuple[int, int]] = [(0, 0)]
         self._pending_positions: list[tuple[int, int]] | None = None
+        # the batch being trained: the optimizer step count when it was handed out and the positions before it
+        self._in_flight: tuple[int, list[tuple[int, int]]] | None = None
+        self._should_stop: StopCheck | None = None  # polled by the engine between decode steps; set in `setup`
+        # which stream a position belongs to: this run's source and a loaded checkpoint's
+        self._source_id: str | None = None
+        self._pending_source_id: str | None = None
         self.totals = {
             "dropped_long_prompts": 0, "dropped_empty_prompts": 0, "dropped_groups": 0, "generation_rounds": 0,
             "weight_syncs": 0,
@@ -211,9 +247,12 @@ class RolloutDataModule(LightningDataModule):
     def connect(self, policy: torch.nn.Module, step_fn: Callable[[], int]) -> None:
         """Register the policy whose weights the engine serves and a function returning the optimizer step count.
 
-        Called by the RL module in ``on_fit_start``; the module then calls :meth:`sync_weights` before every step.
-        Without it the engine keeps serving its initial weights.
+        Called by the RL module when fit, validate or test starts (again for the same policy: nothing changes); the
+        module then calls :meth:`sync_weights` before every step. Without it the engine keeps serving its initial
+        weights.
         """
+        if policy is self._policy:
+            return
         self._policy = policy
         self._step_fn = step_fn
         self._synced_step = None  # the engine was built from `model`, not from whatever the policy holds now
@@ -223,10 +262,14 @@ class RolloutDataModule(LightningDataModule):
         """Learn this rank's data-parallel position, hand the tokenizer to the source and pull the first records, so
         an empty source (or one with fewer records than ranks) or a task without a default reward fails before
         training starts."""
-        if stage != "fit":
-            return
         if self.trainer is not None:
             self._rank, self._world = int(self.trainer.global_rank), int(self.trainer.world_size)
+            self._should_stop = StopCheck(self.trainer)
+        held_out = self.test_source if stage == "test" else self.val_source
+        if isinstance(held_out, PromptSource):
+            held_out.connect(self.tokenizer)
+        if stage != "fit":
+            return
         seed = self._base_seed
         if seed is not None and self._rank > 0:
             seed = int(np.random.SeedSequence([seed, self._rank]).generate_state(1)[0])
@@ -242,15 +285,52 @@ class RolloutDataModule(LightningDataModule):
                 "every rank needs at least one. Use more records or fewer devices."
             )
         self._reward_for(first[0].task)
+        self._source_id = _source_id(self.source, first[0])
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_RolloutStream(self._batches), batch_size=None, num_workers=0, collate_fn=_identity)
+        return _loader(self._batches)
+
+    @override
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_source is None:
+            return []  # Lightning then skips the validation loop
+        source = self.val_source
+        return _loader(lambda: self._held_out(source))
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        if self.test_source is None:
+            raise ValueError("longact test scores data.test_source, which is not set: point it at held-out prompts.")
+        source = self.test_source
+        return _loader(lambda: self._held_out(source))
+
+    def _held_out(self, source: Iterable[PromptRecord]) -> Iterator[list[RecordResult]]:
+        """This rank's share of ``source`` (records ``rank, rank + W, ...``), completed greedily by the engine with the
+        policy's current weights, in batches of ``held_out_batch_size`` scored results. A record whose prompt and
+        generation budget do not fit the engine's context is skipped with a warning."""
+        self.sync_weights(force=True)
+        context = getattr(self.engine, "max_model_len", None)
+        mine: list[PromptRecord] = []
+        for index, record in enumerate(source):
+            if index % self._world != self._rank:
+                continue
+            budget = generation_budget(record, self.held_out_max_tokens)
+            if context is not None and len(self.prompt_ids(record)) + budget > context:
+                log.warning(
+                    "Held-out record %d (%r) skipped: its prompt and %d tokens to generate exceed the engine's "
+                    "%d-token context.", index, record.task, budget, context,
+                )  # fmt: skip
+                continue
+            mine.append(record)
+        for start in range(0, len(mine), self.held_out_batch_size):
+            chunk = mine[start : start + self.held_out_batch_size]
+            yield evaluate_records(self.engine, self.tokenizer, chunk, self.held_out_max_tokens, self.held_out_metric)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """The stream position after the last batch handed to training (not counting prompts pulled for a batch
-        still being generated, which a resumed run generates again).
+        """The stream position after the last batch that was trained: a batch being generated, or handed out but
+        interrupted before its optimizer step (SIGTERM, Ctrl-C), is generated again by a resumed run.
 
         ``epoch`` / ``prompts_consumed``: the pass and the source index before which every record was consumed (by
         the rank it belongs to; with one rank simply the records pulled); ``rank_positions``: each rank's own
@@ -258,6 +338,8 @@ class RolloutDataModule(LightningDataModule):
         in a checkpoint).
         """
         positions = self._pending_positions or self._positions
+        if self._in_flight is not None and self._step_fn is not None and self._step_fn() == self._in_flight[0]:
+            positions = self._in_flight[1]  # the last batch handed out has not been trained
         world = len(positions)
         # rank r's next own record is the first index >= its position that is congruent to r
         epoch, consumed = min((e, c + (r - c) % world) for r, (e, c) in enumerate(positions))
@@ -266,6 +348,7 @@ class RolloutDataModule(LightningDataModule):
             "prompts_consumed": consumed,
             "rank_positions": [list(p) for p in positions],
             "world_size": world,
+            "source": self._source_id,
             **self.totals,
         }
 
@@ -275,6 +358,7 @@ class RolloutDataModule(LightningDataModule):
         positions = state_dict.get("rank_positions") or [[epoch, consumed]]
         # applied when the stream starts, once this rank's data-parallel position is certainly known
         self._pending_positions = [(int(e), int(c)) for e, c in positions]
+        self._pending_source_id = state_dict.get("source")
         for key in self.totals:
             self.totals[key] = int(state_dict.get(key, 0))
 
@@ -283,6 +367,14 @@ class RolloutDataModule(LightningDataModule):
         furthest of all ranks (no consumed record comes back; a few unseen ones may be skipped)."""
         positions = self._pending_positions
         if positions is None:
+            return
+        saved, current = self._pending_source_id, self._source_id
+        if saved is not None and current is not None and saved != current:
+            log.warning(
+                "data.source is not the checkpoint's (%s -> %s): its saved position does not apply, so the new "
+                "source is read from its beginning.", saved, current,
+            )  # fmt: skip
+            self._pending_positions = [(0, 0)] * self._world
             return
         if len(positions) == self._world:
             self._epoch, self._consumed = positions[self._rank]
@@ -300,7 +392,8 @@ class RolloutDataModule(LightningDataModule):
 
     def _batches(self) -> Iterator[RolloutBatch]:
         self._apply_pending_position()
-        self._pending_positions = None
+        if self._pending_positions is not None:
+            self._positions, self._pending_positions = self._pending_positions, None
         pass_epoch = self._epoch
         prompts = self._prompts()
         while True:
@@ -310,14 +403,22 @@ class RolloutDataModule(LightningDataModule):
             timings = {"sync_s": self._sync_seconds, "generate_s": 0.0}
             self._sync_seconds = 0.0
             rounds_allowed = self.max_generation_rounds if self.dynamic_sampling else 1
-            while len(kept) < self.prompts_per_step and rounds < rounds_allowed:
+            before = self._positions
+            stopped = False
+            while len(kept) < self.prompts_per_step and rounds < rounds_allowed and not stopped:
                 chunk = list(islice(prompts, self.prompts_per_step - len(kept)))
                 if not chunk:
                     exhausted = True
                     break
                 rounds += 1
                 start = time.perf_counter()
-                groups = self.engine.generate([ids for _, ids in chunk], self.sampling)
+                try:
+                    groups = self.engine.generate(
+                        [ids for _, ids in chunk], self.sampling, should_stop=self._should_stop
+                    )
+                except GenerationInterrupted:
+                    stopped = True  # the ranks decide together below: a rank that finished may wait in `_agree`
+                    break
                 timings["generate_s"] += time.perf_counter() - start
                 for (record, _), group in zip(chunk, groups, strict=True):
                     scored = self._score(record, group)
@@ -325,9 +426,14 @@ class RolloutDataModule(LightningDataModule):
                         dropped += 1
                         continue
                     kept.append(scored)
-            self._record_metrics(kept, dropped, rounds, timings)
-            failed = not kept and not exhausted
-            ranks = self._agree(bool(kept), exhausted, failed)
+            stopped = stopped or (self._should_stop is not None and self._should_stop())
+            if not stopped:
+                self._record_metrics(kept, dropped, rounds, timings)
+            failed = not kept and not exhausted and not stopped
+            ranks = self._agree(bool(kept), exhausted, failed, stopped)
+            if any(r["stopped"] for r in ranks):
+                self._positions = before  # the abandoned batch's prompts were not consumed
+                raise interrupted("generation")
             if any(r["failed"] for r in ranks):
                 where = "" if self._world == 1 else f" on rank {next(i for i, r in enumerate(ranks) if r['failed'])}"
                 count = f"all {dropped} groups" if failed else "all groups"
@@ -337,6 +443,8 @@ class RolloutDataModule(LightningDataModule):
                     "group_size, or set dynamic_sampling=False."
                 )
             if all(r["has_batch"] for r in ranks):
+                if self._step_fn is not None:
+                    self._in_flight = (int(self._step_fn()), before)
                 yield RolloutBatch.from_groups(
                     [g.rollouts for g in kept],
                     [g.rewards for g in kept],
@@ -355,17 +463,18 @@ class RolloutDataModule(LightningDataModule):
                 self._positions = [(pass_epoch + 1, 0)] * self._world
                 return
 
-    def _agree(self, has_batch: bool, exhausted: bool, failed: bool) -> list[dict[str, Any]]:
+    def _agree(self, has_batch: bool, exhausted: bool, failed: bool, stopped: bool) -> list[dict[str, Any]]:
         """Every rank's position and batch status after building a batch (one all-gather under data parallelism);
         the positions become what the next checkpoint stores."""
-        local = [self._epoch, self._consumed, int(has_batch), int(exhausted), int(failed)]
+        local = [self._epoch, self._consumed, int(has_batch), int(exhausted), int(failed), int(stopped)]
         rows = [local]
         trainer = self.trainer
         if self._world > 1 and trainer is not None and torch.distributed.is_initialized():
             tensor = torch.tensor(local, dtype=torch.long, device=trainer.strategy.root_device)
             rows = trainer.strategy.all_gather(tensor).reshape(self._world, len(local)).tolist()
         self._positions = [(int(r[0]), int(r[1])) for r in rows]
-        return [{"has_batch": bool(r[2]), "exhausted": bool(r[3]), "failed": bool(r[4])} for r in rows]
+        keys = ("has_batch", "exhausted", "failed", "stopped")
+        return [dict(zip(keys, map(bool, r[2:]), strict=True)) for r in rows]
 
     def _prompts(self) -> Iterator[tuple[PromptRecord, list[int]]]:
         """This rank's records of the current pass (every ``world_size``-th, from index ``rank``) with their token
@@ -414,9 +523,10 @@ class RolloutDataModule(LightningDataModule):
             self._prompt_limit = min(limits) if limits else (None, "")
         return self._prompt_limit
 
-    def sync_weights(self) -> None:
+    def sync_weights(self, force: bool = False) -> None:
         """Push the policy's weights into the engine if ``sync_every_n_steps`` optimizer steps passed since the last
-        push (the first call always pushes: the engine started from ``model``, not from the policy).
+        push (the first call always pushes: the engine started from ``model``, not from the policy); with ``force``,
+        whenever any step did (held-out scoring must see the current weights).
 
         Call it before the step's rollouts are pulled, outside any forward pass: gathering sharded weights is a
         collective that FSDP1 refuses inside a forward (and a LightningModule that FSDP wraps runs ``training_step``
@@ -426,7 +536,8 @@ class RolloutDataModule(LightningDataModule):
         if self._policy is None or self._step_fn is None:
             return
         step = int(self._step_fn())
-        if self._synced_step is not None and step - self._synced_step < self.sync_every_n_steps:
+        every = 1 if force else self.sync_every_n_steps
+        if self._synced_step is not None and step - self._synced_step < every:
             return
         if self._synced_step is None:  # the first sync: the engine must run the trainer's model, not another one
             check_same_positions(getattr(self._policy, "config", None), getattr(self.engine, "model_config", None))
@@ -483,17 +594,29 @@ class RolloutDataModule(LightningDataModule):
                 logger.log_metrics(self.metrics, step=trainer.global_step)
 
 
-class _RolloutStream(IterableDataset):
-    """An endless-or-until-the-source-ends stream of ready training batches."""
+class _Stream(IterableDataset):
+    """The items of a generator function, made when iterated: training batches or scored held-out records, each
+    generated by the engine in this process with the weights of that moment."""
 
-    def __init__(self, batches: Callable[[], Iterator[RolloutBatch]]) -> None:
-        self._batches = batches
+    def __init__(self, items: Callable[[], Iterator[Any]]) -> None:
+        self._items = items
 
-    def __iter__(self) -> Iterator[RolloutBatch]:
-        return self._batches()
+    def __iter__(self) -> Iterator[Any]:
+        return self._items()
 
 
-def _identity(batch: RolloutBatch) -> RolloutBatch:
+def _loader(items: Callable[[], Iterator[Any]]) -> DataLoader:
+    """No workers and no batching: the engine lives in this process, and each item already is a whole batch."""
+    return DataLoader(_Stream(items), batch_size=None, num_workers=0, collate_fn=_identity)
+
+
+def _source_id(source: Any, first: PromptRecord) -> str:
+    """Names a prompt stream by its kind and its first record, which any change of data, task or length changes."""
+    digest = hashlib.sha256(f"{first.task}\0{first.prompt}\0{first.answers}".encode()).hexdigest()[:12]
+    return f"{type(source).__name__}({first.task}, first record {digest})"
+
+
+def _identity(batch: Any) -> Any:
     return batch
 
 

@@ -19,6 +19,8 @@ from longact_lightning.data.records import PromptRecord, chat_prompt_ids
 from longact_lightning.data.sources import PromptSource, resolve_tokenizer
 
 TASKS = ("passkey", "number_string", "kv_retrieval")
+# tokens to generate per task (the official evaluation's max_new_tokens)
+MAX_NEW_TOKENS = {"passkey": 6, "number_string": 12, "kv_retrieval": 50}
 
 INSTRUCTIONS = {
     "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will "

@@ -317,7 +317,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Greedy held-out accuracy (RULER's metric, in percent) of ``model`` on ``num_samples`` records from ``seed``."""
     from longact_lightning.data.ruler import RulerSource
-    from longact_lightning.eval.evaluate import evaluate_records, summarize
+    from longact_lightning.data.scoring import evaluate_records
+    from longact_lightning.eval.evaluate import summarize
     from longact_lightning.models import load_tokenizer
     from longact_lightning.rollout import build_engine
 
@@ -347,7 +348,7 @@ def evaluate_export(
     from safetensors.torch import load_file
 
     from longact_lightning.data.ruler import RulerSource
-    from longact_lightning.eval.evaluate import evaluate_records
+    from longact_lightning.data.scoring import evaluate_records
 
     started = time.perf_counter()
     files = sorted(Path(export_dir).glob("*.safetensors"))

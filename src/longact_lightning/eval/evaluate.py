@@ -3,9 +3,10 @@
 The core is two plain functions that need no CLI, DataModule or Trainer, so experiments (the LongAct ablation) call
 them on any engine:
 
-* :func:`evaluate_records` — generate greedily for each record through a rollout engine and score the completion
-  with the task's official metric (RULER ``string_match_all`` / ``string_match_part``, LongBench v2's extracted
-  letter);
+* :func:`~longact_lightning.data.scoring.evaluate_records` — generate greedily for each record through a rollout
+  engine and score the completion with the task's official metric (RULER ``string_match_all`` /
+  ``string_match_part``, LongBench v2's extracted letter, InfiniteBench's); the validation loop of ``fit`` uses it
+  too;
 * :func:`summarize` — official aggregates: RULER per task and length (mean × 100, 2 decimals) plus the mean over
   tasks per length, LongBench v2's overall / easy / hard / short / medium / long (``result.py``), and the mean × 100
   of any other task.
@@ -23,110 +24,21 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from longact_lightning.data import longbench, ruler
-from longact_lightning.data.records import PromptRecord, chat_prompt_ids
-from longact_lightning.data.rewards import DEFAULT_METRIC, default_reward, postprocess_prediction, ruler_score
+from longact_lightning.data.records import PromptRecord
+from longact_lightning.data.rewards import postprocess_prediction, ruler_score
 from longact_lightning.data.ruler import RulerSource
+from longact_lightning.data.scoring import RecordResult, evaluate_records
 from longact_lightning.data.sources import PromptSource
 from longact_lightning.eval.checkpoints import export_policy, read_policy_checkpoint
 from longact_lightning.eval.report import print_table, write_csv, write_json
 from longact_lightning.rollout import build_engine
-from longact_lightning.rollout.base import SamplingConfig
-
-LONGBENCH_MAX_TOKENS = 128  # pred.py's max_tokens for 0-shot
-
-
-@dataclass(frozen=True)
-class RecordResult:
-    """One scored greedy completion.
-
-    Attributes:
-        task: the record's task.
-        metric: name of the official metric that scored it.
-        score: the per-sample metric value in [0, 1].
-        prediction: the decoded completion (special tokens removed).
-        answers: the references.
-        prompt_tokens: prompt length after the chat template.
-        completion_tokens: generated tokens.
-        truncated: generation hit ``max_tokens``.
-        metadata: the record's metadata (RULER ``target_length``; LongBench ``difficulty`` / ``length``), plus
-            ``pred`` (the extracted letter) for LongBench v2.
-    """
-
-    task: str
-    metric: str
-    score: float
-    prediction: str
-    answers: tuple[str, ...]
-    prompt_tokens: int
-    completion_tokens: int
-    truncated: bool
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def generation_budget(record: PromptRecord, max_tokens: int | None = None) -> int:
-    """Tokens to generate for ``record``: ``max_tokens`` if given, else the benchmark's own budget.
-
-    RULER uses each task's ``tokens_to_generate`` and LongBench v2 0-shot uses 128; other tasks have none.
-    """
-    if max_tokens is not None:
-        return max_tokens
-    if record.task in ruler.TASKS:
-        return ruler.TASKS[record.task].tokens_to_generate
-    if record.task == longbench.TASK:
-        return LONGBENCH_MAX_TOKENS
-    raise ValueError(f"Task {record.task!r} has no official generation budget; pass max_tokens=<tokens to generate>.")
-
-
-def evaluate_records(
-    engine: Any, tokenizer: Any, records: Iterable[PromptRecord], max_tokens: int | None = None
-) -> list[RecordResult]:
-    """Greedy completions of ``records`` through ``engine``, each scored with its task's official metric.
-
-    Records are generated in one ``engine.generate`` call per generation budget (RULER tasks differ), in input order
-    within it; results come back in input order.
-
-    Args:
-        engine: a :class:`~longact_lightning.rollout.base.RolloutEngine` (vLLM or HF) serving the weights to score.
-        tokenizer: the model's tokenizer (chat template, decoding).
-        records: the records; their tasks must have an official metric (``data.rewards.DEFAULT_METRIC``).
-        max_tokens: tokens to generate for every record; ``None`` = each benchmark's own (:func:`generation_budget`).
-    """
-    records = list(records)
-    if not records:
-        raise ValueError("evaluate_records() got no records: pass at least one PromptRecord.")
-    metrics = {task: default_reward(task) for task in {r.task for r in records}}  # fails early on a task without one
-    by_budget: dict[int, list[int]] = {}
-    for index, record in enumerate(records):
-        by_budget.setdefault(generation_budget(record, max_tokens), []).append(index)
-    results: list[RecordResult | None] = [None] * len(records)
-    for budget, indices in by_budget.items():
-        prompts = [chat_prompt_ids(tokenizer, records[i]) for i in indices]
-        groups = engine.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=budget))
-        for i, prompt, group in zip(indices, prompts, groups, strict=True):
-            record, rollout = records[i], group[0]
-            text = tokenizer.decode(rollout.completion_ids, skip_special_tokens=True)
-            metadata = dict(record.metadata)
-            if record.task == longbench.TASK:
-                metadata["pred"] = longbench.extract_answer(text.strip())
-            results[i] = RecordResult(
-                task=record.task,
-                metric=DEFAULT_METRIC[record.task],
-                score=float(metrics[record.task](text, record)),
-                prediction=text,
-                answers=tuple(record.answers),
-                prompt_tokens=len(prompt),
-                completion_tokens=len(rollout.completion_ids),
-                truncated=rollout.truncated,
-                metadata=metadata,
-            )
-    return results  # type: ignore[return-value]
 
 
 def summarize(results: Sequence[RecordResult]) -> dict[str, Any]:

@@ -1,27 +1,28 @@
 """``longact profile``: are query/key magnitudes concentrated in a few channels on long inputs, and are the selected
 channels the same across tasks, lengths and checkpoints?
 
-The model runs (no grad, plain HF forward) over *conditions*: a task's prompts at a long and a short target length,
-for each checkpoint. Per condition and per query/key projection it records the mean ``|activation|`` of every
-channel over real tokens (``ChannelStats``, padding excluded), then reports:
+The model runs (no grad, plain HF forward) over *conditions*: a task's prompts at a long and a short target length
+(or at every length of ``lengths``, e.g. 1k / 2k / 4k / 8k, contexts then named by their length), for each
+checkpoint. Per condition and per query/key projection it records the mean ``|activation|`` of every channel over
+real tokens (``ChannelStats``, padding excluded), then reports:
 
 * sparsity per layer and projection (``sparsity.csv`` / ``.json``): ``max / median``, the magnitude share of the
   top ``top_ratio`` channels, and the Gini coefficient as concentration index (0 = all channels equal,
   ``(n-1)/n`` = one channel holds everything; see :mod:`longact_lightning.eval.metrics`);
 * mask stability (``stability.csv`` / ``.json``): Jaccard overlap of the top-``top_ratio`` masks between tasks (same
-  length), between lengths (same task) and between checkpoints (same task and length), next to the overlap two
-  random masks of the same size would have by chance;
-* the selected mask (``mask.json``: selected channel indices per projection, from all tasks pooled at the long
+  length), between lengths (same task; every pair) and between checkpoints (same task and length), next to the
+  overlap two random masks of the same size would have by chance;
+* the selected mask (``mask.json``: selected channel indices per projection, from all tasks pooled at the longest
   length, i.e. what LongAct's profiling pass would select) and figures (``heatmaps/layer_XX.png`` per head,
   ``histograms.png``, ``magnitude_map.png``, ``mask.png``).
 
 Task ``"all"`` in the tables pools the tokens of every task of one length and checkpoint.
 
 Prompts: with a :class:`~longact_lightning.data.ruler.RulerSource` (or explicit ``tasks``) each task is generated at
-both target lengths (RULER sizes the haystack; the template and needles stay the same). Any other source (LongBench
+every target length (RULER sizes the haystack; the template and needles stay the same). Any other source (LongBench
 v2, JSONL, HF datasets) is read as is, ``num_samples`` records per task, and each prompt is middle-truncated to the
-two lengths; the tables report the mean prompt tokens actually seen, so a prompt shorter than the "long" length is
-visible as such.
+lengths; the tables report the mean prompt tokens actually seen, so a prompt shorter than a length is visible as
+such.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ from longact_lightning.saliency.stats import STATISTICS, Statistic
 
 DEFAULT_TASKS: tuple[str, ...] = ("niah_single_1", "niah_multikey_2", "fwe")
 POOLED = "all"
-CONTEXTS = ("long", "short")
 
 # (checkpoint label, task, context) -> {projection key: [channels] score}
 Scores = dict[tuple[str, str, str], dict[str, torch.Tensor]]
@@ -64,6 +64,7 @@ def run_profile(
     tasks: Sequence[str] | None = None,
     long_length: int = 1024,
     short_length: int = 384,
+    lengths: Sequence[int] | None = None,
     num_samples: int = 4,
     top_ratio: float = 0.3,
     statistic: Statistic = "mean_abs",
@@ -81,6 +82,8 @@ def run_profile(
             RulerSource, or the source's own records otherwise.
         long_length: RULER target length (or truncation length) of the long context.
         short_length: the same for the short context.
+        lengths: profile at each of these lengths instead (contexts named by their length, longest first), to see
+            how concentration and masks change with length.
         num_samples: prompts per task and length.
         top_ratio: fraction of channels in the mask (paper: 0.3).
         statistic: per-channel statistic: ``mean_abs`` (what LongAct selects on), ``rms`` or ``max_abs``.
@@ -91,10 +94,17 @@ def run_profile(
     Returns:
         The summary written to ``sparsity.json`` / ``stability.json`` (``{"sparsity": [...], "stability": [...]}``).
     """
-    if not long_length > short_length > 1:
+    if lengths is not None:
+        if len(set(lengths)) < 2 or min(lengths) < 2:
+            raise ValueError(f"lengths={list(lengths)} needs at least two different lengths, each > 1 token.")
+        contexts = {str(n): n for n in sorted(set(lengths), reverse=True)}
+    elif long_length > short_length > 1:
+        contexts = {"long": long_length, "short": short_length}
+    else:
         raise ValueError(
             f"Need long_length > short_length > 1, got long_length={long_length}, short_length={short_length}."
         )
+    longest = next(iter(contexts))
     if statistic not in STATISTICS:
         raise ValueError(f"statistic={statistic!r} is not one of {STATISTICS}.")
     if num_samples < 1:
@@ -106,8 +116,7 @@ def run_profile(
     if ckpt_path is not None:
         state, _ = read_policy_checkpoint(ckpt_path)
         model.policy.load_state_dict(state, strict=True)
-    lengths = {"long": long_length, "short": short_length}
-    prompt_sets = build_prompt_sets(datamodule.source, tokenizer, tasks, lengths, num_samples)
+    prompt_sets = build_prompt_sets(datamodule.source, tokenizer, tasks, contexts, num_samples)
     task_names = list(dict.fromkeys(task for task, _ in prompt_sets))
 
     policies = {"policy": model.policy}
@@ -121,11 +130,11 @@ def run_profile(
     masks = {cond: {key: select_channels(s, top_ratio) for key, s in by_key.items()} for cond, by_key in scores.items()}
 
     prompt_tokens = {cond: statistics.fmean(len(p) for p in prompts) for cond, prompts in prompt_sets.items()}
-    for context in CONTEXTS:
+    for context in contexts:
         prompt_tokens[(POOLED, context)] = statistics.fmean(
             len(p) for (_, ctx), prompts in prompt_sets.items() if ctx == context for p in prompts
         )
-    sparsity = sparsity_rows(scores, projections, lengths, prompt_tokens, top_ratio)
+    sparsity = sparsity_rows(scores, projections, contexts, prompt_tokens, top_ratio)
     stability = stability_rows(masks, projections, task_names)
     summary = {
         "sparsity": summarize_sparsity(sparsity),
@@ -136,7 +145,7 @@ def run_profile(
         "ckpt_path": ckpt_path,
         "compare_model": compare_model,
         "tasks": task_names,
-        "lengths": lengths,
+        "lengths": contexts,
         "num_samples": num_samples,
         "top_ratio": top_ratio,
         "statistic": statistic,
@@ -145,10 +154,10 @@ def run_profile(
     write_json({"config": config, "summary": summary["sparsity"], "rows": sparsity}, out / "sparsity.json")
     write_csv(stability, out / "stability.csv")
     write_json({"config": config, "summary": summary["stability"], "rows": stability}, out / "stability.json")
-    selected = masks[("policy", POOLED, "long")]
+    selected = masks[("policy", POOLED, longest)]
     write_json(
         {
-            "selected_from": f"policy, tasks pooled, long context ({long_length} tokens)",
+            "selected_from": f"policy, tasks pooled, longest context ({contexts[longest]} tokens)",
             "top_ratio": top_ratio,
             "statistic": statistic,
             "selected_channels": {key: torch.nonzero(m).flatten().tolist() for key, m in selected.items()},
@@ -165,7 +174,7 @@ def run_profile(
 def build_prompt_sets(
     source: Any, tokenizer: Any, tasks: Sequence[str] | None, lengths: Mapping[str, int], num_samples: int
 ) -> dict[tuple[str, str], list[list[int]]]:
-    """``{(task, context): [prompt token ids]}`` for every task and context (``"long"`` / ``"short"``)."""
+    """``{(task, context): [prompt token ids]}`` for every task and context (``lengths``: context name -> tokens)."""
     if tasks is not None or isinstance(source, RulerSource):
         if tasks is None:
             tasks = [source.task, *(t for t in DEFAULT_TASKS if t != source.task)][:3]
@@ -206,7 +215,7 @@ def profile_scores(
         cond: collect_channel_stats(policy, projections, prompts, pad_token_id, batch_size)
         for cond, prompts in prompt_sets.items()
     }
-    for context in CONTEXTS:
+    for context in dict.fromkeys(context for _, context in prompt_sets):
         stats[(POOLED, context)] = {
             p.key: merge_stats([stats[(task, context)][p.key] for task in tasks]) for p in projections
         }
@@ -266,18 +275,19 @@ def comparisons(
 ) -> list[tuple[str, tuple[str, str, str], tuple[str, str, str]]]:
     """Which condition pairs to compare: ``("task" | "length" | "checkpoint", a, b)``.
 
-    Tasks are compared at equal checkpoint and context, lengths at equal checkpoint and task (pooled included),
-    checkpoints at equal task and context.
+    Tasks are compared at equal checkpoint and context, lengths (every pair) at equal checkpoint and task (pooled
+    included), checkpoints at equal task and context.
     """
     labels = list(dict.fromkeys(c[0] for c in conditions))
+    contexts = list(dict.fromkeys(c[2] for c in conditions))
     pairs = []
-    for label, context in itertools.product(labels, CONTEXTS):
+    for label, context in itertools.product(labels, contexts):
         for a, b in itertools.combinations(tasks, 2):
             pairs.append(("task", (label, a, context), (label, b, context)))
     for label, task in itertools.product(labels, [*tasks, POOLED]):
-        for a, b in itertools.combinations(CONTEXTS, 2):
+        for a, b in itertools.combinations(contexts, 2):
             pairs.append(("length", (label, task, a), (label, task, b)))
-    for task, context in itertools.product([*tasks, POOLED], CONTEXTS):
+    for task, context in itertools.product([*tasks, POOLED], contexts):
         for a, b in itertools.combinations(labels, 2):
             pairs.append(("checkpoint", (a, task, context), (b, task, context)))
     return pairs
@@ -334,8 +344,10 @@ def write_figures(
     projections: Sequence[QKProjection],
     out: Path,
 ) -> None:
-    """Per-layer heatmaps (tasks pooled; both contexts of every checkpoint), histograms, magnitude map and mask."""
+    """Per-layer heatmaps (tasks pooled; every context of every checkpoint), histograms, and the magnitude map and
+    mask of the longest context (the first)."""
     panels = {f"{label} · {context}": (label, task, context) for label, task, context in scores if task == POOLED}
+    contexts = list(dict.fromkeys(context for _, _, context in scores))
     heads = {kind: next(p.num_heads for p in projections if p.kind == kind) for kind in ("q", "k")}
     by_layer: dict[int, dict[str, QKProjection]] = {}
     for proj in projections:
@@ -348,12 +360,12 @@ def write_figures(
     ratios = {  # each channel relative to the median of its own projection, all layers together
         kind: {
             context: torch.cat([_over_median(scores[("policy", POOLED, context)][p.key]) for p in projs])
-            for context in CONTEXTS
+            for context in contexts
         }
         for kind, projs in kinds.items()
     }
     magnitude_histograms(ratios, out / "histograms.png")
-    long_scores, long_masks = scores[("policy", POOLED, "long")], masks[("policy", POOLED, "long")]
+    long_scores, long_masks = scores[("policy", POOLED, contexts[0])], masks[("policy", POOLED, contexts[0])]
     layer_channel_map({k: torch.stack([long_scores[p.key] for p in ps]) for k, ps in kinds.items()},
                       "Mean |activation| per channel, all tasks, long context", out / "magnitude_map.png")  # fmt: skip
     layer_channel_map({k: torch.stack([long_masks[p.key] for p in ps]) for k, ps in kinds.items()},

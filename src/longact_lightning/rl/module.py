@@ -5,6 +5,10 @@ an optional frozen reference model, the loss and the optimizer. Rollouts come fr
 them lazily with the current weights; the module therefore asks for its batch itself
 (``training_step(dataloader_iter)``) so Lightning does not prefetch — and generate — the next batch before this step's
 update has happened.
+
+Validation and test batches are held-out records the DataModule has already completed greedily (with the engine, after
+a weight push) and scored; the module only aggregates them into ``torchmetrics`` means per task, synchronised across
+ranks, and logs ``val/<task>/score`` (``test/...``) in percent.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
 from longact_lightning.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
@@ -45,6 +50,10 @@ from longact_lightning.sharding import (
     fully_shard_decoder_layers,
     is_fully_sharded,
 )
+from longact_lightning.stopping import StopCheck, interrupted
+
+if TYPE_CHECKING:
+    from longact_lightning.data.scoring import RecordResult
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +240,9 @@ class RLPolicyModule(pl.LightningModule):
         object.__setattr__(self, "reference", reference)
         self._batch_size = 1
         self._sp_group: Any = None
+        self._should_stop = StopCheck(None)
+        # per "<stage>/<task>" score of held-out records; not submodules, so not in the checkpoint or the optimizer
+        self._held_out_scores: dict[str, MeanMetric] = {}
 
     @override
     def configure_model(self) -> None:
@@ -261,11 +273,74 @@ class RLPolicyModule(pl.LightningModule):
     @override
     def on_fit_start(self) -> None:
         self._sp_group = sequence_parallel_group(self.hparams.sequence_parallel_size, self.trainer.world_size)
+        self._should_stop = StopCheck(self.trainer)
         if self.reference is not None:
             self.reference.to(device=self.device, dtype=self.policy.dtype)
+        self._connect_datamodule()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._connect_datamodule()  # `longact validate` runs without fit: the engine must serve these weights
+
+    @override
+    def on_test_start(self) -> None:
+        self._connect_datamodule()
+
+    def _connect_datamodule(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if callable(getattr(datamodule, "connect", None)):
             datamodule.connect(self.policy, lambda: self.trainer.global_step)
+
+    @override
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Held-out batches stay as they are: scored results, no tensors (and frozen dataclasses, which Lightning's
+        device transfer refuses to copy). Training batches are moved in ``training_step``."""
+        if self.trainer.validating or self.trainer.testing or self.trainer.sanity_checking:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    @override
+    def validation_step(self, results: list[RecordResult], batch_idx: int) -> None:
+        """``results``: this rank's scored greedy completions of held-out records (``RolloutDataModule``)."""
+        self._held_out_update("val", results)
+
+    @override
+    def test_step(self, results: list[RecordResult], batch_idx: int) -> None:
+        self._held_out_update("test", results)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._held_out_log("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._held_out_log("test")
+
+    def _held_out_update(self, stage: str, results: list[RecordResult]) -> None:
+        for result in results:
+            key = f"{stage}/{result.task}"
+            if key not in self._held_out_scores:
+                self._held_out_scores[key] = MeanMetric().to(self.device)
+            self._held_out_scores[key].update(100.0 * result.score)
+
+    def _held_out_log(self, stage: str) -> None:
+        """Log ``<stage>/<task>/score`` (percent, as ``longact eval`` reports) over all ranks' records, and their mean
+        over tasks as ``<stage>/score``. Every rank computes the same metrics in the same order (each ``compute`` is a
+        collective), so a task that only other ranks saw is computed here too, from empty states."""
+        keys = [key for key in self._held_out_scores if key.startswith(f"{stage}/")]
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[list[str] | None] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, keys)
+            keys = [key for keys_of_rank in gathered for key in keys_of_rank or []]
+        scores = []
+        for key in sorted(set(keys)):
+            metric = self._held_out_scores.setdefault(key, MeanMetric().to(self.device))
+            score = metric.compute()
+            metric.reset()
+            self.log(f"{key}/score", score, on_epoch=True)  # already over all ranks
+            scores.append(score)
+        if scores:
+            self.log(f"{stage}/score", torch.stack(scores).mean(), on_epoch=True)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -302,10 +377,12 @@ class RLPolicyModule(pl.LightningModule):
         sums: dict[str, float] = {}
         tokens_seen = 0.0
         step_loss = 0.0
-        for _ in range(hp.ppo_epochs):
+        for epoch in range(hp.ppo_epochs):
             optimizer.zero_grad()
             with autocast_weights_once(self.device.type):  # one weight cast per optimizer step
                 for k, (chunk, padding) in enumerate(chunks):
+                    if epoch == 0:  # before the first update the step can still be abandoned whole
+                        self._stop_if_requested("the update passes", optimizer)
                     micro = batch.select(chunk)
                     with self._no_sync_unless(k == len(chunks) - 1), self._sequence_parallel():
                         if padding:  # keeps this rank's collectives in step with the others'
@@ -484,11 +561,20 @@ class RLPolicyModule(pl.LightningModule):
         dropped).  # [B, C]"""
         scores = torch.zeros(batch.completion_mask.shape, device=self.device)
         for chunk, padding in chunks:
+            self._stop_if_requested("the scoring passes")
             with padding_only() if padding else nullcontext():
                 logprobs = self._logprobs(model, batch.select(chunk), with_entropy=False)[0]
             if not padding:
                 scores[chunk] = logprobs
         return scores
+
+    def _stop_if_requested(self, where: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Abandon the step on SIGTERM (every rank at the same pass, see ``longact_lightning.stopping``); the weights
+        and optimizer state are those of the last completed step, and the partial gradient is dropped."""
+        if self._should_stop.agreed():
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            raise interrupted(where)
 
     def _logprobs(
         self, model: torch.nn.Module, batch: RolloutBatch, with_entropy: bool = True

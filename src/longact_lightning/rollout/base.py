@@ -7,7 +7,7 @@ new policy weights after each optimizer step so that the next rollouts are on-po
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -65,12 +65,25 @@ class Rollout:
         return self.finish_reason == "length"
 
 
+StopFn = Callable[[], bool]
+
+
+class GenerationInterrupted(Exception):
+    """``generate`` stopped before its completions were finished, because ``should_stop`` asked it to."""
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What the DataModule needs from a generation backend."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
-        """Sample ``sampling.n`` completions for each prompt; returns one list of ``n`` rollouts per prompt."""
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, should_stop: StopFn | None = None
+    ) -> list[list[Rollout]]:
+        """Sample ``sampling.n`` completions for each prompt; returns one list of ``n`` rollouts per prompt.
+
+        ``should_stop`` is polled between decode steps; once it returns True the engine drops the call's requests and
+        raises :class:`GenerationInterrupted` (a stop request must not wait for a long generation to finish).
+        """
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

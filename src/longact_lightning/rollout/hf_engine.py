@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from longact_lightning.models import EMBEDDED_MODEL, load_causal_lm
-from longact_lightning.rollout.base import Rollout, SamplingConfig
+from longact_lightning.rollout.base import GenerationInterrupted, Rollout, SamplingConfig, StopFn
 
 
 class HFEngine:
@@ -74,8 +74,11 @@ class HFEngine:
         self._calls = 0
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
-        """Sample ``sampling.n`` completions per prompt, in chunks of whole prompts."""
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, should_stop: StopFn | None = None
+    ) -> list[list[Rollout]]:
+        """Sample ``sampling.n`` completions per prompt, in chunks of whole prompts; ``should_stop`` is polled after
+        every generated token."""
         per_call = max(1, self.max_batch_sequences // sampling.n)
         seed = None
         if sampling.seed is not None:
@@ -90,7 +93,7 @@ class HFEngine:
                     torch.manual_seed(seed)
                 groups: list[list[Rollout]] = []
                 for start in range(0, len(prompts), per_call):
-                    groups.extend(self._generate_chunk(prompts[start : start + per_call], sampling))
+                    groups.extend(self._generate_chunk(prompts[start : start + per_call], sampling, should_stop))
         finally:
             self.model.train(was_training)
         return groups
@@ -121,8 +124,10 @@ class HFEngine:
             if target.data_ptr() != tensor.data_ptr():
                 target.copy_(tensor.detach())
 
-    def _generate_chunk(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
-        from transformers import GenerationConfig
+    def _generate_chunk(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, should_stop: StopFn | None
+    ) -> list[list[Rollout]]:
+        from transformers import GenerationConfig, StoppingCriteriaList
 
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
@@ -146,9 +151,13 @@ class HFEngine:
             output_scores=self.logprobs_mode == "processed",
             output_logits=self.logprobs_mode == "raw",
         )
+        criteria = StoppingCriteriaList([_StopWhen(should_stop)] if should_stop is not None else [])
         output = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-        )
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+            stopping_criteria=criteria,
+        )  # fmt: skip
+        if should_stop is not None and should_stop():
+            raise GenerationInterrupted(f"HF generate stopped after {output.sequences.shape[1] - width} tokens.")
         steps = output.scores if self.logprobs_mode == "processed" else output.logits
         new_tokens = output.sequences[:, width:]  # [prompts x n, T]
         per_step = [torch.log_softmax(s.float(), -1).gather(-1, new_tokens[:, t, None]) for t, s in enumerate(steps)]
@@ -172,6 +181,16 @@ class HFEngine:
             logprobs=tuple(logprobs[:length]),
             finish_reason="length" if stop is None else "stop",
         )
+
+
+class _StopWhen:
+    """A ``generate`` stopping criterion that ends every sequence once ``should_stop`` says so."""
+
+    def __init__(self, should_stop: StopFn) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

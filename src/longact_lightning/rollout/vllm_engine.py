@@ -31,9 +31,12 @@ import numpy as np
 import torch
 
 from longact_lightning.models import EMBEDDED_MODEL, resolve_model
-from longact_lightning.rollout.base import Rollout, SamplingConfig
+from longact_lightning.rollout.base import GenerationInterrupted, Rollout, SamplingConfig, StopFn
 
 LogprobsMode = Literal["processed", "raw"]
+# Engine steps between stop checks in a tensor-parallel block, whose members must agree (one small all-gather) and
+# step in lockstep; a plain engine checks after every step.
+_BLOCK_STOP_CHECK_STEPS = 16
 
 
 class VLLMEngine:
@@ -159,11 +162,14 @@ class VLLMEngine:
         # call sequence) keeps seeded runs reproducible.
         self._per_request_seeds = not current_platform.is_cpu()
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Rollout]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, should_stop: StopFn | None = None
+    ) -> list[list[Rollout]]:
         """Sample ``sampling.n`` completions per prompt; per-request seeds make a seeded run reproducible.
 
         With ``tensor_parallel_size > 1`` every rank of the block must call this together (each with its own
-        prompts and sampling, possibly none): the engine serves the block's requests in one call.
+        prompts and sampling, possibly none): the engine serves the block's requests in one call, and stops when any
+        member's ``should_stop`` does.
         """
         self._wake("weights", "kv_cache")
         self._calls += 1
@@ -174,7 +180,7 @@ class VLLMEngine:
                 requests.append(self._tokens_prompt_cls(prompt_token_ids=list(ids)))
                 params.append(self._sampling_params(member_sampling, index))
                 owner.append(member)
-        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        outputs = self._run(requests, params, should_stop) if requests else []
         if self._sleep_mode:
             self.llm.sleep(level=self._sleep_level)
             self._sleeping = {"weights", "kv_cache"}
@@ -184,6 +190,28 @@ class VLLMEngine:
             [_rollout(tuple(prompt), completion) for completion in sorted(output.outputs, key=lambda c: c.index)]
             for prompt, output in zip(prompts, mine, strict=True)
         ]
+
+    def _run(self, requests: list[Any], params: list[Any], should_stop: StopFn | None) -> list[Any]:
+        """``LLM.generate``'s loop (enqueue, then engine steps until every request is finished), polling
+        ``should_stop`` between steps; on a stop the requests are aborted and :class:`GenerationInterrupted` raised."""
+        internal_ids = self.llm.enqueue(requests, params, use_tqdm=False)
+        engine = self.llm.llm_engine
+        finished: list[Any] = []
+        steps = 0
+        while engine.has_unfinished_requests():
+            if should_stop is not None and self._stop_now(should_stop, steps):
+                engine.abort_request(internal_ids, internal=True)
+                raise GenerationInterrupted(f"vLLM stopped after {steps} engine steps, {len(finished)} requests done.")
+            finished.extend(output for output in engine.step() if output.finished)
+            steps += 1
+        return sorted(finished, key=lambda output: int(output.request_id))  # as LLM.generate: in submission order
+
+    def _stop_now(self, should_stop: StopFn, steps: int) -> bool:
+        if self._group is None:
+            return should_stop()
+        if steps % _BLOCK_STOP_CHECK_STEPS:
+            return False
+        return any(_gather_in_group([should_stop()], self._group))
 
     @property
     def model_config(self) -> Any:
