@@ -271,6 +271,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         run(args.strategy, args.out, args.steps, args.callback)
+        # Leave the process group together: a rank whose gloo threads outlive it at exit aborts in C++
+        # ("terminate called without an active exception", exit -6) after the run has passed.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     except BaseException:
         rank = os.environ.get("LOCAL_RANK", "0")
         (args.out / f"rank{rank}.error.txt").write_text(traceback.format_exc())
