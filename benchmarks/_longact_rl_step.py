@@ -1,9 +1,13 @@
 """This project's side of the TRL comparison: one process, the reference workload, per-step wall clock + peak RSS.
 
 Run by ``benchmarks/rl_step_vs_trl.py`` and ``benchmarks/step_breakdown.py`` (through :func:`run`); prints one
-JSON line with per-step wall clock, the time spent producing the rollout batch (of it: generating and syncing weights),
-the tokens and model FLOPs the trainer processed, the resident set and glibc heap after each step, and peak RSS.
-The engine and the module's scoring are wrapped with timers/counters here (benchmark instrumentation only).
+JSON line with per-step wall clock, the time spent producing the rollout batch (of it: generating) and, just before,
+pushing the policy's weights into the engine, the tokens and model FLOPs the trainer processed (one entry per step), the
+resident set and glibc heap after each step, and peak RSS.
+It measures through public extension points only, so what it times is the package as users run it: generation and
+weight-sync seconds are the ``rollout/generate_s`` / ``rollout/sync_s`` metrics the data module already reports for
+each batch (read by :class:`StepClock`), and a data-module subclass (:class:`MeasuredRolloutDataModule`) times and
+counts each batch as the RL module pulls it.
 The workload is ``benchmarks/_workload.py`` (the same prompts TRL's side sees), LongAct on (top 30 %).
 """
 
@@ -16,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -38,7 +43,7 @@ from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.models import EMBEDDED_MODEL
 from longact_lightning.rl.module import RLPolicyModule
-from longact_lightning.rollout.vllm_engine import VLLMEngine
+from longact_lightning.rollout.batch import RolloutBatch
 
 # Sequences per forward/backward pass: one group at a time, for peak memory. More groups per pass form every weight
 # gradient, the lm_head product and the tied embedding's [vocab, hidden] gradient less often: in bf16 two groups per
@@ -71,10 +76,17 @@ def workload_records(count: int, repeats: int) -> list[PromptRecord]:
 
 
 class StepClock(Callback):
-    """Wall clock of each step, and the process's resident memory and heap after it (Linux ``/proc``, glibc)."""
+    """Wall clock of each step, the seconds its rollout batch spent generating and syncing weights, and the process's
+    resident memory and heap after it (Linux ``/proc``, glibc).
+
+    The two rollout times are the data module's own per-batch metrics (``RolloutDataModule.metrics``, which it also
+    logs): the batch a step trained on is the last one it produced, so at the step's end they are that batch's.
+    """
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.generate_s: list[float] = []
+        self.sync_s: list[float] = []
         self.rss_mb: list[int] = []
         self.heap_mb: list[tuple[int, int] | None] = []
 
@@ -83,6 +95,9 @@ class StepClock(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.seconds.append(time.perf_counter() - self._start)
+        metrics = trainer.datamodule.metrics
+        self.generate_s.append(metrics["rollout/generate_s"])
+        self.sync_s.append(metrics["rollout/sync_s"])
         resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
         self.rss_mb.append(resident_pages * resource.getpagesize() >> 20)
         self.heap_mb.append(heap_mb())
@@ -106,59 +121,84 @@ def model_flops(config, prompt_length: int, completion_lengths: list[int]) -> tu
     return linear, 12 * d * layers * pairs
 
 
-def instrument() -> dict[str, list[float]]:
-    """Time the rollout batch (waiting for it, and in it engine generation and weight sync); count the tokens and
-    model FLOPs of each trainer forward."""
-    record: dict[str, list[float]] = {
-        "rollout_s": [], "generate_s": [], "sync_s": [], "train_tokens": [], "train_flops": [], "attention_flops": []
-    }  # fmt: skip
+def batch_work(config, batch: RolloutBatch) -> tuple[float, float, float]:
+    """Tokens, model FLOPs and, of them, attention FLOPs of the gradient pass over ``batch``: :func:`model_flops` of
+    each group from its real prompt and completion lengths, so the count is the same whichever way the module splits
+    the batch into micro-batches."""
+    P = batch.prompt_length
+    prompt, completion = batch.attention_mask[:, :P].sum(-1), batch.attention_mask[:, P:].sum(-1)  # [B]
+    tokens = flops = attention = 0.0
+    for group in batch.group_ids.unique():
+        rows = (batch.group_ids == group).nonzero().squeeze(1)
+        lengths = completion[rows].tolist()
+        tokens += int(prompt[rows[0]]) - 1 + sum(lengths)
+        linear_flops, attention_flops = model_flops(config, int(prompt[rows[0]]), lengths)
+        flops += linear_flops + attention_flops
+        attention += attention_flops
+    return tokens, flops, attention
 
-    def timed(method, key):
-        def wrapper(*args, **kwargs):
+
+class _MeasuredBatches:
+    """The batches of ``loader``, each handed to ``measure`` with the seconds its ``next`` took before it is yielded.
+
+    An iterable rather than a generator, so that every pass (epoch) Lightning starts with ``iter()`` is a fresh one,
+    as with the DataLoader it wraps.
+    """
+
+    def __init__(self, loader: Iterable[RolloutBatch], measure: Callable[[RolloutBatch, float], None]) -> None:
+        self.loader = loader
+        self.measure = measure
+
+    def __iter__(self) -> Iterator[RolloutBatch]:
+        # The loader's iterator is made here, when Lightning starts the pass, not lazily at the first batch: making a
+        # DataLoader iterator draws from torch's global generator, which the colocated engine samples from on CPU, so
+        # drawing later (after the engine is built and seeded) would change the rollouts of a seeded run.
+        return self._measured(iter(self.loader))
+
+    def _measured(self, batches: Iterator[RolloutBatch]) -> Iterator[RolloutBatch]:
+        while True:
             start = time.perf_counter()
-            result = method(*args, **kwargs)
-            record[key].append(time.perf_counter() - start)
-            return result
+            batch = next(batches, None)
+            if batch is None:
+                return
+            self.measure(batch, time.perf_counter() - start)
+            yield batch
 
-        return wrapper
 
-    class TimedBatches:
-        def __init__(self, batches):
-            self.batches = batches
+class MeasuredRolloutDataModule(RolloutDataModule):
+    """:class:`RolloutDataModule` whose training loader times and counts each batch as the RL module pulls it.
 
-        def __next__(self):
-            return timed(next, "rollout_s")(self.batches)
+    The module pulls its batch inside ``training_step`` (``next(dataloader_iter)``) and the rollouts are generated
+    right then, so the time of that ``next`` is the step's rollout time (``rollout_s``; the weight sync runs before it,
+    in ``on_train_batch_start``). The module here trains each batch exactly once (``ppo_epochs=1``), so a batch's
+    :func:`batch_work` is its step's (``train_tokens``, ``train_flops``, ``attention_flops``). All four lists are in
+    ``measured``, one entry per batch.
 
-    training_step = RLPolicyModule.training_step
+    Args:
+        config: the policy's model config, for :func:`model_flops`.
+        after_batch: called with each batch's 0-based index once it is generated and counted, just before the module
+            gets it: where a capture of the step's train phase starts (:class:`TrainPhaseProfile`).
+        **kwargs: :class:`RolloutDataModule`'s.
+    """
 
-    def timed_training_step(self, dataloader_iter):  # Lightning passes the iterator by this parameter name
-        return training_step(self, TimedBatches(dataloader_iter))
+    def __init__(self, config, after_batch: Callable[[int], None] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.config = config
+        self.after_batch = after_batch
+        self.measured: dict[str, list[float]] = {
+            "rollout_s": [], "train_tokens": [], "train_flops": [], "attention_flops": []
+        }  # fmt: skip
 
-    RLPolicyModule.training_step = timed_training_step
-    VLLMEngine.generate = timed(VLLMEngine.generate, "generate_s")
-    VLLMEngine.load_weights = timed(VLLMEngine.load_weights, "sync_s")
-    logprobs = RLPolicyModule._logprobs
+    def train_dataloader(self) -> Iterable[RolloutBatch]:
+        return _MeasuredBatches(super().train_dataloader(), self._measure)
 
-    def counted(self, model, batch, with_entropy=True):
-        """Useful work of the training passes (the same whichever way the module schedules it)."""
-        if torch.is_grad_enabled():
-            P = batch.prompt_length
-            prompt, completion = batch.attention_mask[:, :P].sum(-1), batch.attention_mask[:, P:].sum(-1)  # [b]
-            tokens = flops = attention = 0.0
-            for group in batch.group_ids.unique():
-                rows = (batch.group_ids == group).nonzero().squeeze(1)
-                lengths = completion[rows].tolist()
-                tokens += int(prompt[rows[0]]) - 1 + sum(lengths)
-                linear_flops, attention_flops = model_flops(model.config, int(prompt[rows[0]]), lengths)
-                flops += linear_flops + attention_flops
-                attention += attention_flops
-            record["train_tokens"].append(tokens)
-            record["train_flops"].append(flops)
-            record["attention_flops"].append(attention)
-        return logprobs(self, model, batch, with_entropy)
-
-    RLPolicyModule._logprobs = counted
-    return record
+    def _measure(self, batch: RolloutBatch, seconds: float) -> None:
+        index = len(self.measured["rollout_s"])
+        tokens, flops, attention = batch_work(self.config, batch)
+        for key, value in zip(self.measured, (seconds, tokens, flops, attention), strict=True):
+            self.measured[key].append(value)
+        if self.after_batch is not None:
+            self.after_batch(index)
 
 
 # Operator families of the train-phase profile (``--profile-step``), matched against ATen op names in this order.
@@ -170,30 +210,45 @@ _OP_FAMILIES = {
 }
 
 
-def profile_training_step(step: int, record: dict) -> None:
-    """Run the ``step``-th training step (0-based) under the torch profiler and store, in ``record["profile"]``, its
-    wall time and each operator family's self time."""
-    training_step = RLPolicyModule.training_step
-    calls = iter(range(step + 1))
+def operator_family_seconds(profiler: torch.profiler.profile) -> dict[str, float]:
+    """Self time of the profiled ATen operators, summed per family of :data:`_OP_FAMILIES` (the rest: ``other ops``)."""
+    seconds = dict.fromkeys((*_OP_FAMILIES, "other ops"), 0.0)
+    for event in profiler.key_averages():
+        if event.self_cpu_time_total <= 0 or not event.key.startswith("aten::"):
+            continue
+        family = next((f for f, keys in _OP_FAMILIES.items() if any(k in event.key for k in keys)), "other ops")
+        seconds[family] += event.self_cpu_time_total / 1e6
+    return seconds
 
-    def profiled(self, dataloader_iter):
-        if next(calls, None) != step:
-            return training_step(self, dataloader_iter)
-        batch = next(dataloader_iter)  # the rollout stays outside the profile: it is the engine's time
-        start = time.perf_counter()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            result = training_step(self, iter([batch]))
-        wall = time.perf_counter() - start
-        seconds = dict.fromkeys((*_OP_FAMILIES, "other ops"), 0.0)
-        for event in prof.key_averages():
-            if event.self_cpu_time_total <= 0 or not event.key.startswith("aten::"):
-                continue
-            family = next((f for f, keys in _OP_FAMILIES.items() if any(k in event.key for k in keys)), "other ops")
-            seconds[family] += event.self_cpu_time_total / 1e6
-        record["profile"] = {"wall_s": wall, "self_s": seconds}
-        return result
 
-    RLPolicyModule.training_step = profiled
+class TrainPhaseProfile(Callback):
+    """Torch-profiler capture of one step's train phase (``--profile-step``, 0-based), stored in ``result`` as its wall
+    time and each operator family's self time.
+
+    The capture starts when the data module hands over that step's batch (:meth:`batch_ready`, its ``after_batch``),
+    so the rollout, which is the engine's time, stays outside it; it ends when the step does. Register this callback
+    before the others, so their end-of-step work stays outside too.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.result: dict | None = None
+        self._profiler: torch.profiler.profile | None = None
+        self._start = 0.0
+
+    def batch_ready(self, index: int) -> None:
+        if index == self.step:
+            self._start = time.perf_counter()
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profiler.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._profiler is None:
+            return
+        self._profiler.stop()
+        wall = time.perf_counter() - self._start
+        self.result = {"wall_s": wall, "self_s": operator_family_seconds(self._profiler)}
+        self._profiler = None
 
 
 def main() -> None:
@@ -219,10 +274,6 @@ def main() -> None:
     ap.add_argument("--profile-step", type=int, help="profile this training step (0-based) with the torch profiler")
     args = ap.parse_args()
 
-    record: dict = {}
-    if args.profile_step is not None:  # inside the step timers, so the profiled step is timed like the others
-        profile_training_step(args.profile_step, record)
-    record.update(instrument())
     pl.seed_everything(0)
     module = RLPolicyModule(
         model=EMBEDDED_MODEL, loss_type="dapo", lr=LEARNING_RATE, micro_batch_size=args.micro_batch_size,
@@ -235,7 +286,10 @@ def main() -> None:
     # twice what the step's sequences need (prompts prefix-cached): 30 layers x K/V x 3 heads x 64 channels per token
     kv_bytes = PROMPTS_PER_STEP * (prompt_tokens + GROUP_SIZE * MAX_NEW_TOKENS) * 30 * 2 * 3 * 64
     kv_cache_gib = args.kv_cache_gib or 2 * kv_bytes * (2 if args.engine_dtype == "bfloat16" else 4) / 2**30
-    data = RolloutDataModule(
+    profile = TrainPhaseProfile(args.profile_step) if args.profile_step is not None else None
+    data = MeasuredRolloutDataModule(
+        config=module.policy.config,
+        after_batch=profile.batch_ready if profile is not None else None,
         source=workload_records(64, args.repeats),
         model=EMBEDDED_MODEL,
         engine="vllm",
@@ -256,7 +310,9 @@ def main() -> None:
     reuse = HostMemoryReuse(
         not args.no_host_memory_reuse, args.host_memory_release_every, args.host_memory_own_pages_from_mb
     )
-    callbacks = [clock, reuse]
+    # the profile first, so that its capture ends before the other callbacks' end-of-step work
+    callbacks = [] if profile is None else [profile]
+    callbacks += [clock, reuse]
     callbacks += [] if args.no_longact else [LongAct(top_ratio=0.3)]
     trainer = pl.Trainer(
         max_steps=args.steps,
@@ -271,6 +327,11 @@ def main() -> None:
     )
     trainer.fit(module, datamodule=data)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    measured = data.measured
+    record = {"rollout_s": measured["rollout_s"], "generate_s": clock.generate_s, "sync_s": clock.sync_s,
+              **{key: measured[key] for key in ("train_tokens", "train_flops", "attention_flops")}}  # fmt: skip
+    if profile is not None and profile.result is not None:
+        record["profile"] = profile.result
     print(
         json.dumps(
             {

@@ -5,8 +5,8 @@ Runs this project's reference-workload step (``benchmarks/_longact_rl_step.py``:
 the comparison's micro-batch size (``_longact_rl_step.MICRO_BATCH_SIZE``), and reports: the rollout's share of the
 step (weight sync, generation, and the rest: rewards, collation), and train-phase MFU = model FLOPs of the tokens the
 trainer processed (``_longact_rl_step.model_flops``: linear layers, ``lm_head`` on completion tokens, causal
-attention) / train-phase time (step - rollout: forward, backward, optimizer, LongAct, logging) / the bf16 matmul peak
-of this machine measured here (a 2048^3 bf16 matmul).
+attention) / train-phase time (step - weight sync - rollout: forward, backward, optimizer, LongAct, logging) / the
+bf16 matmul peak of this machine measured here (a 2048^3 bf16 matmul).
 
 Usage: python -m benchmarks.step_breakdown [--steps 3] [--pad-to-multiple-of 16]
 """
@@ -36,23 +36,24 @@ def bf16_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
 
 
 def summarize(name: str, result: dict, peak: float) -> str:
-    """Median over the timed steps (the first step is warm-up: its generate, sync and micro-batches are dropped)."""
+    """Median over the timed steps (the first step is warm-up: its generate, sync and train counts are dropped)."""
     steps = len(result["step_s"])
-    per_step = len(result["train_flops"]) // steps  # micro-batches per step
+    per_step = len(result["train_flops"]) // steps  # train_* entries per step (one: counted per rollout batch)
     rows = []
     for i in range(1, steps):
         micro = slice(i * per_step, (i + 1) * per_step)
         rollout = result["rollout_s"][i]
         generate, sync = result["generate_s"][i], result["sync_s"][i]
-        rows.append((result["step_s"][i], rollout, generate, sync, rollout - generate - sync,
-                     result["step_s"][i] - rollout, sum(result["train_tokens"][micro]),
+        # the sync runs before the batch is pulled (on_train_batch_start), so it is not part of `rollout`
+        rows.append((result["step_s"][i], rollout, generate, sync, rollout - generate,
+                     result["step_s"][i] - rollout - sync, sum(result["train_tokens"][micro]),
                      sum(result["train_flops"][micro])))  # fmt: skip
     step, rollout, generate, sync, rest, train, tokens, flops = (statistics.median(column) for column in zip(*rows))
     mfus = [f / t / peak for *_, t, _, f in rows]
     return (
-        f"{name}: step {step:.1f} s = rollout {rollout:.1f} s (weight sync {sync:.2f} s = **{100 * sync / step:.1f} "
-        f"%** of the step, target <= 5 %; generate {generate:.1f} s; rewards and collation {rest:.2f}"
-        f" s) + train {train:.1f} s; train phase {tokens / train:.0f} tok/s, {flops / 1e12:.2f} TFLOP per step, "
+        f"{name}: step {step:.1f} s = weight sync {sync:.2f} s (**{100 * sync / step:.1f} %** of the step, target "
+        f"<= 5 %) + rollout {rollout:.1f} s (generate {generate:.1f} s; rewards and collation {rest:.2f} s) + train "
+        f"{train:.1f} s; train phase {tokens / train:.0f} tok/s, {flops / 1e12:.2f} TFLOP per step, "
         f"**MFU {100 * statistics.median(mfus):.0f} % of the bf16 peak** (target >= 35 %; per step "
         + ", ".join(f"{100 * m:.0f}" for m in mfus)
         + ")"

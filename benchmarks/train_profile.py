@@ -26,7 +26,7 @@ def main() -> None:
     peak = bf16_matmul_peak()
     result = run(_PROFILED_STEP + 1, bf16=True, extra=["--profile-step", str(_PROFILED_STEP)])
     profile = result["profile"]
-    per_step = len(result["train_flops"]) // len(result["step_s"])  # micro-batches per step
+    per_step = len(result["train_flops"]) // len(result["step_s"])  # train_* entries per step (one per batch)
     micro = slice(_PROFILED_STEP * per_step, (_PROFILED_STEP + 1) * per_step)
     flops, attention_flops = sum(result["train_flops"][micro]), sum(result["attention_flops"][micro])
     wall, self_s = profile["wall_s"], profile["self_s"]

@@ -18,11 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ATTENTION = "longact_ulysses"
 _GROUP: ContextVar[Any] = ContextVar("sequence_parallel_group", default=None)
@@ -96,7 +99,7 @@ def _register() -> None:
 
 
 @contextmanager
-def ulysses(model: nn.Module, group: Any = None) -> Iterator[None]:
+def ulysses(model: PreTrainedModel, group: Any = None) -> Iterator[None]:
     """Inside the block, ``model``'s attention runs sequence-parallel over ``group`` (default: the whole world); each
     rank passes its own chunk of the sequence with its global ``position_ids``.
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
 
 def data_parallel_mesh(device_type: str, world_size: int, replicas: int = 1) -> Any:
@@ -125,7 +128,7 @@ def fsdp1_wrap(model: nn.Module, strategy: Any) -> nn.Module:
     )
 
 
-def fsdp1_root(model: nn.Module) -> nn.Module | None:
+def fsdp1_root(model: nn.Module) -> FullyShardedDataParallel | None:
     """The outermost FSDP1 ``FullyShardedDataParallel`` unit in ``model`` (``model`` itself when it is one), else
     ``None``."""
     try:
@@ -146,9 +149,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
     root = fsdp1_root(model)
     if root is not None:  # FSDP1 has no measure-only call; an infinite bound scales by 1
         return root.clip_grad_norm_(math.inf if max_norm is None else max_norm)
-    params = [p for p in model.parameters() if p.grad is not None]
     if max_norm is None:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     else:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from longact_lightning.eval.ablation import main
+from experiments.ablation.__main__ import main
 
 pytestmark = pytest.mark.integration
 

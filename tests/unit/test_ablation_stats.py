@@ -1,32 +1,19 @@
-"""The ablation's statistics: Student-t quantiles/CDF, mean ± 95 % CI over seeds, the paired comparison vs ``none``,
-and the summary table built from run results."""
+"""The ablation's statistics: mean ± 95 % CI over seeds, the paired comparison vs ``none``, the detectable
+difference (checked by simulation), and the summary table built from run results."""
 
 from __future__ import annotations
 
 import math
+import statistics
 
+import numpy as np
 import pytest
 
-from longact_lightning.eval.ablation import mean_ci, paired_difference, summary_rows, t_cdf, t_quantile
+from experiments.ablation.report import summary_rows
+from experiments.ablation.stats import detectable_difference, mean_ci, paired_difference
 
 # Two-sided 95 % critical values t_{0.975, dof} from standard tables.
-T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 9: 2.262157, 30: 2.042272}
-
-
-@pytest.mark.parametrize("dof", sorted(T975))
-def test_t_quantile_matches_tables(dof):
-    assert t_quantile(0.975, dof) == pytest.approx(T975[dof], abs=1e-5)
-    assert t_quantile(0.025, dof) == pytest.approx(-T975[dof], abs=1e-5)
-    assert t_cdf(T975[dof], dof) == pytest.approx(0.975, abs=1e-7)
-
-
-def test_t_cdf_closed_forms():
-    # dof = 1 is Cauchy: F(t) = 1/2 + atan(t)/pi; dof = 2: F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
-    for t in (-3.0, -0.5, 0.0, 0.7, 2.5, 40.0):
-        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-10)
-        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-10)
-    # large dof tends to the normal: Phi(1.959964) = 0.975
-    assert t_cdf(1.959964, 1e6) == pytest.approx(0.975, abs=1e-5)
+T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 9: 2.262157, 11: 2.200985, 30: 2.042272}
 
 
 def test_mean_ci_by_hand():
@@ -78,6 +65,23 @@ def test_paired_difference_needs_a_shared_seed():
         paired_difference({0: 1.0}, {1: 1.0})
 
 
+@pytest.mark.parametrize("n", [3, 6, 12])
+def test_detectable_difference_has_the_stated_power(n):
+    """Simulated paired experiments with the returned true difference reject at alpha 0.05 in 80 % of the cases."""
+    sd = 7.5
+    delta = detectable_difference(sd, n)
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(delta, sd, size=(40_000, n))
+    t = diffs.mean(axis=1) / (diffs.std(axis=1, ddof=1) / math.sqrt(n))
+    assert float((np.abs(t) > T975[n - 1]).mean()) == pytest.approx(0.8, abs=0.01)
+    # Large samples: the normal approximation (z_0.975 + z_0.8) sd / sqrt(n) from below.
+    assert delta > (1.959964 + 0.841621) * sd / math.sqrt(n)
+
+
+def test_detectable_difference_is_undefined_without_spread_or_pairs():
+    assert math.isnan(detectable_difference(0.0, 6)) and math.isnan(detectable_difference(5.0, 1))
+
+
 def _run(arm, seed, acc, curve):
     return {"arm": arm, "seed": seed, "accuracy": acc, "reward_curve": curve, "train_seconds": 10.0,
             "eval_seconds": 5.0}  # fmt: skip
@@ -96,3 +100,5 @@ def test_summary_rows():
     assert rows["high"]["diff_vs_none"] == pytest.approx(round((1 + 3 + 0) / 3, 2))
     assert rows["high"]["reward_last3_mean"] == pytest.approx(round((0.5 + 0.6 + 0.8) / 3, 3))
     assert rows["high"]["per_seed"] == "0:51.0 1:55.0 2:54.0"
+    assert rows["high"]["detectable_diff_80"] == round(detectable_difference(statistics.stdev([1.0, 3.0, 0.0]), 3), 1)
+    assert rows["none"]["detectable_diff_80"] == ""

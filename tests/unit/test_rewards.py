@@ -1,4 +1,5 @@
-"""Rewards: official RULER metrics, simple matches, task dispatch, import-path loading, and the safe wrapper."""
+"""Rewards: official RULER metrics, simple matches, task dispatch, import-path loading, the safe wrapper, and a
+group's training reward (task reward + DAPO overlong shaping)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import pytest
 
 from longact_lightning.data import rewards
+from longact_lightning.data.group_rewards import GroupRewards, overlong_penalty
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.data.rewards import (
     SafeReward,
@@ -115,3 +117,26 @@ def test_safe_reward_scores_failure_zero_counts_and_warns(caplog):
     assert "RuntimeError: parser exploded" in warnings[0].getMessage()
     assert "Failures so far: 1" in warnings[0].getMessage() and warnings[0].exc_info is not None
     assert "not a finite number" in warnings[1].getMessage() and "Failures so far: 2" in warnings[1].getMessage()
+
+
+@pytest.mark.parametrize(("length", "expected"), [(10, 0.0), (24, 0.0), (28, -0.25), (32, -0.5), (40, -0.5)])
+def test_overlong_penalty_by_hand(length, expected):
+    # L_max 32, L_cache 8: free up to 24 tokens, then linear to -scale (0.5) at 32, clamped beyond.
+    assert overlong_penalty(length, max_tokens=32, buffer_tokens=8, scale=0.5) == expected
+    assert overlong_penalty(length, max_tokens=32, buffer_tokens=0, scale=0.5) == 0.0
+
+
+def test_group_rewards_add_the_shaping_to_the_task_reward_and_count_failures():
+    record = PromptRecord(prompt="p", answers=("42",), task="user_task")
+    rewards = GroupRewards("contains_match", max_tokens=32, overlong_buffer_tokens=8, overlong_scale=0.5)
+    values, correct = rewards(record, ["it is 42", "it is 42", "no"], [10, 28, 32])
+    assert values == [1.0, 0.75, -0.5] and correct == [True, True, False]
+
+    def broken(completion, record):
+        raise RuntimeError("bug")
+
+    failing = GroupRewards(broken, max_tokens=32)
+    assert failing(record, ["a", "b"], [1, 1]) == ([0.0, 0.0], [False, False])
+    assert failing.failures == 2
+    with pytest.raises(ValueError, match="has no default reward"):
+        GroupRewards(None, max_tokens=32).for_task("user_task")

@@ -133,18 +133,20 @@ def test_dapo_gradient_equals_independent_full_logits_formula(tiny_model_dir, mi
         torch.testing.assert_close(captured[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_each_optimizer_step_sees_only_its_own_gradient(tiny_model_dir):
-    # the same batch twice, at a learning rate too small to change a float32 weight: both steps' gradients are equal
-    # unless one leaks into the next
-    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=1e-30, micro_batch_size=6)
+@pytest.mark.parametrize(("ppo_epochs", "batches"), [(1, 2), (2, 1)])  # two steps of one epoch, two epochs of one step
+def test_each_optimizer_step_sees_only_its_own_gradient(tiny_model_dir, ppo_epochs, batches):
+    # the same batch twice (or one batch for two PPO epochs), at a learning rate too small to change a float32 weight:
+    # both optimizer steps' gradients are equal unless one leaks into the next (zero_grad per step, not per batch)
+    module = RLPolicyModule(
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=1e-30, micro_batch_size=6, ppo_epochs=ppo_epochs
+    )
     grads = []
 
     class Capture(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             grads.append(pl_module.policy.model.layers[0].self_attn.q_proj.weight.grad.clone())
 
-    batch = _random_batch(seed=1)
-    _trainer(2, [Capture()]).fit(module, datamodule=_FixedBatches([batch, batch]))
+    _trainer(2, [Capture()]).fit(module, datamodule=_FixedBatches([_random_batch(seed=1)] * batches))
     assert len(grads) == 2 and grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0)
 

@@ -112,9 +112,12 @@ class ActivationSaliency(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        callbacks, mask = trainer.callbacks, self.row_mask
-        both = mask is not None and mask in callbacks and self in callbacks
-        if both and callbacks.index(mask) < callbacks.index(self):
+        # Trainer.callbacks is assigned by Lightning's CallbackConnector and never declared on Trainer
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        mask = self.row_mask
+        if mask is None or mask not in callbacks or self not in callbacks:
+            return
+        if callbacks.index(mask) < callbacks.index(self):
             raise ValueError(
                 "ActivationSaliency must come before its GradientRowMask in Trainer(callbacks=[...]) so the "
                 "selection is made before the masks are applied; or use LongAct, which orders them itself."
@@ -139,7 +142,7 @@ class ActivationSaliency(Callback):
                 self._push_masks()
             return
         if self.calibration_data is not None:
-            self._calibrate(pl_module)
+            self._calibrate(pl_module, self.calibration_data)
             if self.collect_steps == 0:
                 self._select()
                 return
@@ -269,13 +272,14 @@ class ActivationSaliency(Callback):
     # ------------------------------------------------------------------ selection
 
     @torch.no_grad()
-    def _calibrate(self, pl_module: pl.LightningModule) -> None:
+    def _calibrate(self, pl_module: pl.LightningModule, data: Iterable[Mapping[str, torch.Tensor]]) -> None:
         model = self._model
+        assert model is not None  # _attach ran first
         was_training = model.training
         model.eval()
         self._collecting = True
         try:
-            for batch in self.calibration_data:
+            for batch in data:
                 inputs = {k: v.to(pl_module.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
                 model(**inputs)
         finally:

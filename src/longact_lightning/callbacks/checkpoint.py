@@ -204,5 +204,6 @@ class RankSafeCheckpoint(ModelCheckpoint):
         while arrived < trainer.world_size and time.monotonic() < deadline:
             time.sleep(0.05)
             arrived = store.add(f"{key}/count", 0)
-        proposal = b"save" if arrived >= trainer.world_size else b"skip"
-        return store.compare_set(f"{key}/decision", b"", proposal) == b"save"  # the first decision binds every rank
+        proposal = "save" if arrived >= trainer.world_size else "skip"
+        # the first decision binds every rank; the store hands values back as bytes
+        return store.compare_set(f"{key}/decision", "", proposal) == b"save"

@@ -24,9 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+    from typing_extensions import TypeIs  # needs 4.10+, and typing_extensions is no declared dependency
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def _local_row_range(param: torch.Tensor) -> tuple[int, int]:
     return int(global_offset[0]), int(local_shape[0])
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def _is_dtensor(tensor: torch.Tensor) -> TypeIs[DTensor]:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed

@@ -28,6 +28,8 @@ class LongAct(ActivationSaliency):
         trainer = Trainer(callbacks=[LongAct(top_ratio=0.3)])
     """
 
+    row_mask: GradientRowMask  # its own, built in __init__: never None, unlike ActivationSaliency's
+
     def __init__(
         self,
         top_ratio: float = 0.3,

@@ -78,7 +78,9 @@ class RunSummary(Callback):
 def _trainable_rows(trainer: pl.Trainer) -> str:
     """The share of query/key channels the run's selection keeps trainable, read from the callback's masks (so a
     resumed run, which selects nothing, reports the masks it restored)."""
-    saliency = next((cb for cb in trainer.callbacks if isinstance(cb, ActivationSaliency)), None)
+    # Trainer.callbacks is assigned by Lightning's CallbackConnector and never declared on Trainer
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    saliency = next((cb for cb in callbacks if isinstance(cb, ActivationSaliency)), None)
     if saliency is None:
         return "all (no LongAct callback)"
     masks = list(saliency.channel_masks.values())

@@ -32,8 +32,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from longact_lightning.data.group_rewards import GroupRewards
 from longact_lightning.data.records import PromptRecord, chat_prompt_ids
-from longact_lightning.data.rewards import RewardFn, SafeReward, default_reward, resolve_reward
+from longact_lightning.data.rewards import RewardFn, resolve_reward
 from longact_lightning.data.scoring import RecordResult, evaluate_records, generation_budget
 from longact_lightning.data.sources import PromptSource
 from longact_lightning.models import EMBEDDED_MODEL, load_tokenizer
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 class _ScoredGroup:
     rollouts: list[Rollout]
     rewards: list[float]  # task reward + overlong penalty: what the advantage sees
-    correct: list[bool]
+    correct: list[bool]  # the task reward alone reached 1
 
 
 class RolloutDataModule(LightningDataModule):
@@ -177,19 +178,17 @@ class RolloutDataModule(LightningDataModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.dynamic_sampling = dynamic_sampling
         self.max_generation_rounds = max_generation_rounds
-        self.overlong_buffer_tokens = overlong_buffer_tokens
-        self.overlong_penalty = overlong_penalty
         self.mask_truncated = mask_truncated
         self.sync_every_n_steps = sync_every_n_steps
         self.val_source, self.test_source = val_source, test_source
         self.held_out_max_tokens = held_out_max_tokens
-        _resolve_reward(held_out_metric)  # a bad name or import path fails here, not at the first validation
+        if isinstance(held_out_metric, str):
+            resolve_reward(held_out_metric)  # a bad name or import path fails here, not at the first validation
         self.held_out_metric = held_out_metric
         self.held_out_batch_size = held_out_batch_size
         self._base_seed = seed
         self._rank, self._world = 0, 1  # data-parallel position, known in `setup`
-        self._explicit_reward = _resolve_reward(reward)
-        self._rewards: dict[str | None, Any] = {}  # task (None = the explicit reward) -> SafeReward
+        self.rewards = GroupRewards(reward, max_new_tokens, overlong_buffer_tokens, overlong_penalty)
         self._engine: RolloutEngine | None = None
         self._tokenizer: Any = None
         self._policy: torch.nn.Module | None = None
@@ -229,12 +228,12 @@ class RolloutDataModule(LightningDataModule):
             options = dict(self.engine_options)
             if self.engine_kind == "vllm":
                 options.setdefault("seed", self.sampling.seed or 0)
-                if self.trainer is not None and self.trainer.world_size > 1:
-                    strategy = self.trainer.strategy
+                trainer = self.trainer
+                if trainer is not None and trainer.world_size > 1:
                     # one engine per rank, on the rank's own device, inside the trainer's process group
-                    options.setdefault("rank", int(strategy.global_rank))
-                    options.setdefault("local_rank", int(strategy.local_rank))
-                    options.setdefault("world_size", int(strategy.world_size))
+                    options.setdefault("rank", int(trainer.global_rank))
+                    options.setdefault("local_rank", int(trainer.local_rank))
+                    options.setdefault("world_size", int(trainer.world_size))
             elif self.trainer is not None:
                 options.setdefault("device", str(self.trainer.strategy.root_device))  # this rank's device
             self._engine = build_engine(self.engine_kind, self.model, **options)
@@ -284,7 +283,7 @@ class RolloutDataModule(LightningDataModule):
                 f"Prompt source {self.source!r} has {len(first)} record(s) for {self._world} data-parallel ranks; "
                 "every rank needs at least one. Use more records or fewer devices."
             )
-        self._reward_for(first[0].task)
+        self.rewards.for_task(first[0].task)  # a task without a default reward fails now
         self._source_id = _source_id(self.source, first[0])
 
     @override
@@ -548,29 +547,9 @@ class RolloutDataModule(LightningDataModule):
         self._sync_seconds += time.perf_counter() - start
 
     def _score(self, record: PromptRecord, group: list[Rollout]) -> _ScoredGroup:
-        reward_fn = self._reward_for(record.task)
-        rewards, correct = [], []
-        for rollout in group:
-            text = self.tokenizer.decode(rollout.completion_ids, skip_special_tokens=True)
-            task_reward = reward_fn(text, record)
-            rewards.append(task_reward + self._overlong_reward(len(rollout.completion_ids)))
-            correct.append(task_reward >= 1.0)
+        texts = [self.tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in group]
+        rewards, correct = self.rewards(record, texts, [len(r.completion_ids) for r in group])
         return _ScoredGroup(group, rewards, correct)
-
-    def _overlong_reward(self, length: int) -> float:
-        """DAPO Eq. 13: 0 up to ``L_max - L_cache``, then linear down to ``-overlong_penalty`` at ``L_max``."""
-        if self.overlong_buffer_tokens == 0:
-            return 0.0
-        free = self.sampling.max_tokens - self.overlong_buffer_tokens
-        if length <= free:
-            return 0.0
-        return self.overlong_penalty * max(-1.0, (free - length) / self.overlong_buffer_tokens)
-
-    def _reward_for(self, task: str) -> Any:
-        key = None if self._explicit_reward is not None else task
-        if key not in self._rewards:
-            self._rewards[key] = SafeReward(self._explicit_reward or default_reward(task))
-        return self._rewards[key]
 
     def _record_metrics(self, kept: list[_ScoredGroup], dropped: int, rounds: int, timings: dict[str, float]) -> None:
         self.totals["dropped_groups"] += dropped
@@ -584,7 +563,7 @@ class RolloutDataModule(LightningDataModule):
             "rollout/groups": float(len(kept)),
             "rollout/dropped_groups": float(dropped),
             "rollout/generation_rounds": float(rounds),
-            "rollout/reward_failures_total": float(sum(r.failures for r in self._rewards.values())),
+            "rollout/reward_failures_total": float(self.rewards.failures),
             **{f"rollout/{k}": v for k, v in timings.items()},
             **{f"rollout/{k}_total": float(v) for k, v in self.totals.items()},
         }
@@ -618,10 +597,3 @@ def _source_id(source: Any, first: PromptRecord) -> str:
 
 def _identity(batch: Any) -> Any:
     return batch
-
-
-def _resolve_reward(reward: str | RewardFn | None) -> RewardFn | None:
-    """Resolve a configured reward now, so a bad name or import path fails at construction."""
-    if reward is None or callable(reward):
-        return reward
-    return resolve_reward(reward)

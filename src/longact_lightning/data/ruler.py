@@ -546,6 +546,7 @@ class RulerSource(PromptSource):
     def _generator(self, budget: int) -> _Generator:
         spec = self.spec
         if spec.kind == "niah":
+            assert spec.niah is not None  # every niah task in TASKS carries its NiahConfig
             return _Niah(spec.niah, self.target_length)
         if spec.kind == "cwe":
             return _CommonWords(self.target_length)
@@ -558,6 +559,7 @@ class RulerSource(PromptSource):
         plain = _VariableTracking(_VariableTracking.ICL_LENGTH)
         measure = self._measure(lambda rng, size: plain.icl_sample(rng, size)[0], self._rng("icl"), chat_template=False)
         size = _lines_size(measure, plain.ICL_LENGTH, plain.incremental)
+        assert size is not None  # the smallest example (5 noise lines, ~840 characters) fits 500 subword tokens
         example, names = plain.icl_sample(self._rng("icl"), size)
         icl = example.prompt + example.answer_prefix + " " + " ".join(names) + "\n"
         return _VariableTracking(self.target_length, icl=icl, icl_names=tuple(names))

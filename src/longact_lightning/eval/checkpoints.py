@@ -8,11 +8,14 @@ first (:func:`export_policy`) and serves that.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from longact_lightning.models import load_causal_lm, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _POLICY_PREFIX = "policy."
 
@@ -35,7 +38,7 @@ def read_policy_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], d
     return state, dict(checkpoint.get("hyper_parameters", {}))
 
 
-def load_policy(name_or_path: str, base_model: str | None = None, dtype: str = "float32") -> torch.nn.Module:
+def load_policy(name_or_path: str, base_model: str | None = None, dtype: str = "float32") -> PreTrainedModel:
     """A HF causal LM from a model name / directory, or from a ``.ckpt`` loaded onto its base model.
 
     Args:
@@ -54,7 +57,7 @@ def load_policy(name_or_path: str, base_model: str | None = None, dtype: str = "
     return policy
 
 
-def export_policy(policy: torch.nn.Module, tokenizer_name: str, directory: str | Path) -> str:
+def export_policy(policy: PreTrainedModel, tokenizer_name: str, directory: str | Path) -> str:
     """Write ``policy`` and the tokenizer of ``tokenizer_name`` as a HF directory that transformers and vLLM load."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

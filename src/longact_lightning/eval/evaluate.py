@@ -61,7 +61,7 @@ def summarize(results: Sequence[RecordResult]) -> dict[str, Any]:
             longbench_results.append(result)
         else:
             other_groups.setdefault(result.task, []).append(result)
-    ruler_rows = [
+    ruler_rows: list[dict[str, Any]] = [
         {
             "task": task,
             "target_length": length,

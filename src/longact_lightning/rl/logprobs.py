@@ -9,18 +9,20 @@ to the last ``k`` hidden states only; ``k = C + 1`` covers every position that p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longact_lightning.rl.prompt_cache import SharedPromptCache, checkpointing_keeps_cache
 from longact_lightning.saliency.real_tokens import declare_real_tokens
 from longact_lightning.sequence_parallel import sum_over_group, ulysses
 from longact_lightning.sharding import unshard_when_cache_gets_gradient
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -34,7 +36,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logprobs(
-    model: nn.Module,
+    model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_length: int,
@@ -86,7 +88,7 @@ def completion_logprobs(
 
 
 def grouped_completion_logprobs(
-    model: nn.Module,
+    model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_length: int,
@@ -169,12 +171,13 @@ def grouped_completion_logprobs(
     rows, columns = packed.row[real], packed.offset[real]  # [N], [N] where each packed token came from
     logprobs = logprobs.index_put((rows, columns), values[0])
     if entropy is not None:
+        assert entropies is not None  # both exist exactly when with_entropy
         entropy = entropy.index_put((rows, columns), entropies[0])
     return logprobs, entropy
 
 
 def sequence_parallel_completion_logprobs(
-    model: nn.Module,
+    model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_length: int,
@@ -221,6 +224,7 @@ def sequence_parallel_completion_logprobs(
             columns = keep + start + 1 - prompt  # [k]
             logprobs = logprobs.index_put((torch.full_like(columns, row), columns), values[0])
             if entropy is not None:
+                assert entropies is not None  # both exist exactly when with_entropy
                 entropy = entropy.index_put((torch.full_like(columns, row), columns), entropies[0])
     return sum_over_group(logprobs, group), None if entropy is None else sum_over_group(entropy, group)
 

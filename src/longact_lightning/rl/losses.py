@@ -362,7 +362,7 @@ def step_denominator(
     if aggregation == "seq_mean_token_mean":
         return (mask.sum(-1) > 0).double().sum()
     if aggregation == "seq_mean_token_sum_norm":
-        if not (max_completion_length or 0) > 0:
+        if max_completion_length is None or not max_completion_length > 0:
             raise ValueError(f"max_completion_length={max_completion_length}: Dr.GRPO needs the constant L_max > 0.")
         return mask.new_tensor(float(mask.shape[0] * max_completion_length))
     raise ValueError(f"aggregation={aggregation!r} is not supported; use one of {', '.join(AGGREGATIONS)}.")
@@ -458,6 +458,7 @@ def policy_loss(
         if config.beta > 0:
             per_token = per_token + config.beta * kl
     if config.entropy_coef > 0:
+        assert entropy is not None  # checked on entry
         per_token = per_token - config.entropy_coef * entropy
 
     loss = aggregate(per_token, mask, config.resolved_aggregation, denominator)

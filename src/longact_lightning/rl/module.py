@@ -53,6 +53,9 @@ from longact_lightning.sharding import (
 from longact_lightning.stopping import StopCheck, interrupted
 
 if TYPE_CHECKING:
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from transformers import PreTrainedModel
+
     from longact_lightning.data.scoring import RecordResult
 
 log = logging.getLogger(__name__)
@@ -144,6 +147,8 @@ class RLPolicyModule(pl.LightningModule):
         export_every_n_steps: also export every N optimizer steps to ``export_dir/step_XXXXXX``.
     """
 
+    reference: PreTrainedModel | None  # set with object.__setattr__ in __init__, see there
+
     def __init__(
         self,
         model: str = EMBEDDED_MODEL,
@@ -222,9 +227,24 @@ class RLPolicyModule(pl.LightningModule):
         if hybrid_shard_replicas < 1:
             raise ValueError(f"hybrid_shard_replicas={hybrid_shard_replicas} must be >= 1 (1 = shard over all ranks).")
         self.advantage_std: StdScaling = advantage_std or ("none" if loss_type == "dr_grpo" else "group")
+        # Typed copies of the settings the hooks read (``self.hparams`` is an untyped ``AttributeDict``); the saved
+        # hyperparameters stay what checkpoints record and compare on resume.
+        self.advantage_eps, self.leave_one_out, self.temperature = advantage_eps, leave_one_out, temperature
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
+        self.ppo_epochs, self.micro_batch_size = ppo_epochs, micro_batch_size
+        self.max_tokens_per_micro_batch, self.balance_ranks = max_tokens_per_micro_batch, balance_ranks
+        self.sequence_parallel_size, self.hybrid_shard_replicas = sequence_parallel_size, hybrid_shard_replicas
+        self.max_grad_norm, self.max_nonfinite_steps = max_grad_norm, max_nonfinite_steps
+        self.share_prompt, self.pad_to_multiple_of = share_prompt, pad_to_multiple_of
+        self.vocab_chunk_tokens = vocab_chunk_tokens
+        self.export_dir, self.export_every_n_steps = export_dir, export_every_n_steps
 
         self.tokenizer = load_tokenizer(tokenizer or model)
-        options = {"dtype": dtype, "attn_implementation": attn_implementation, "rope_scaling": rope_scaling}
+        options: dict[str, Any] = {
+            "dtype": dtype,
+            "attn_implementation": attn_implementation,
+            "rope_scaling": rope_scaling,
+        }
         self.policy = load_causal_lm(model, **options)
         self.policy.config.use_cache = False
         # from_pretrained returns eval mode and Lightning 2.6 keeps each module's mode; HF only checkpoints in train
@@ -254,7 +274,7 @@ class RLPolicyModule(pl.LightningModule):
             self.policy = fsdp1_wrap(self.policy, strategy)
         if self.device_mesh is None or is_fully_sharded(self.policy):
             return
-        mesh = data_parallel_mesh(strategy.root_device.type, strategy.world_size, self.hparams.hybrid_shard_replicas)
+        mesh = data_parallel_mesh(strategy.root_device.type, self.trainer.world_size, self.hybrid_shard_replicas)
         for model in (self.policy, self.reference):
             if model is not None:
                 fully_shard_decoder_layers(model, mesh)
@@ -265,17 +285,19 @@ class RLPolicyModule(pl.LightningModule):
         # The fused kernel updates a tensor in one pass instead of about ten: 0.06 s instead of 0.6 s per step for
         # SmolLM2's 135M fp32 parameters on 2 CPU cores, and no state-sized temporaries.
         fused = all(p.device.type in _FUSED_ADAMW_DEVICES for p in params)
+        beta1, beta2 = self.betas  # a tuple whatever sequence the arguments gave (a config file's list)
         return torch.optim.AdamW(
-            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas),
+            params, lr=self.lr, weight_decay=self.weight_decay, betas=(beta1, beta2),
             fused=fused or None,
         )  # fmt: skip
 
     @override
     def on_fit_start(self) -> None:
-        self._sp_group = sequence_parallel_group(self.hparams.sequence_parallel_size, self.trainer.world_size)
+        self._sp_group = sequence_parallel_group(self.sequence_parallel_size, self.trainer.world_size)
         self._should_stop = StopCheck(self.trainer)
         if self.reference is not None:
-            self.reference.to(device=self.device, dtype=self.policy.dtype)
+            # transformers wraps PreTrainedModel.to in functools.wraps, which mypy binds without its `self`
+            self.reference.to(device=self.device, dtype=self.policy.dtype)  # type: ignore[call-arg]
         self._connect_datamodule()
 
     @override
@@ -287,9 +309,9 @@ class RLPolicyModule(pl.LightningModule):
         self._connect_datamodule()
 
     def _connect_datamodule(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if callable(getattr(datamodule, "connect", None)):
-            datamodule.connect(self.policy, lambda: self.trainer.global_step)
+        connect = getattr(getattr(self.trainer, "datamodule", None), "connect", None)
+        if callable(connect):
+            connect(self.policy, lambda: self.trainer.global_step)
 
     @override
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -346,9 +368,9 @@ class RLPolicyModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Before the step's rollouts are pulled, and outside any forward: gathering sharded weights is a collective
         # that FSDP1 refuses inside one (and a LightningModule wrapped by FSDP runs training_step inside one).
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if callable(getattr(datamodule, "sync_weights", None)):
-            datamodule.sync_weights()
+        sync_weights = getattr(getattr(self.trainer, "datamodule", None), "sync_weights", None)
+        if callable(sync_weights):
+            sync_weights()
 
     @override
     def training_step(self, dataloader_iter: Iterator[tuple[RolloutBatch, int, int]]) -> None:
@@ -357,13 +379,12 @@ class RLPolicyModule(pl.LightningModule):
         batch, advantages = self._share_of_step(batch)  # [B], this rank's rows
         batch, advantages = batch.to(self.device), advantages.to(self.device)
         self._batch_size = len(batch)
-        hp = self.hparams
         mask = batch.completion_mask.float()  # [B, C]
         chunks = self._micro_batches(batch)  # (rows, zero-weight padding pass?)
         aggregation = self.loss_config.resolved_aggregation
         local = step_denominator(mask, aggregation, self.loss_config.max_completion_length).to(self.device)
         # the ranks of a sequence-parallel group hold the same rows: count them once
-        sp = hp.sequence_parallel_size
+        sp = self.sequence_parallel_size
         denominator = float((self.trainer.strategy.reduce(local, reduce_op="sum") / sp).clamp(min=1))
         # DDP/FSDP average gradients over ranks; the loss already divides by the global count, so undo the average
         # (a sequence-parallel group's S ranks each get S times their share back, see sequence_parallel_completion_...).
@@ -371,13 +392,14 @@ class RLPolicyModule(pl.LightningModule):
 
         with torch.no_grad():
             ref_logprobs = self._score(self.reference, batch, chunks) if self.reference is not None else None
-            old_logprobs = self._score(self.policy, batch, chunks) if hp.ppo_epochs > 1 else None
+            old_logprobs = self._score(self.policy, batch, chunks) if self.ppo_epochs > 1 else None
 
         optimizer = self.optimizers()
+        assert not isinstance(optimizer, list)  # configure_optimizers returns one optimizer
         sums: dict[str, float] = {}
         tokens_seen = 0.0
         step_loss = 0.0
-        for epoch in range(hp.ppo_epochs):
+        for epoch in range(self.ppo_epochs):
             optimizer.zero_grad()
             with autocast_weights_once(self.device.type):  # one weight cast per optimizer step
                 for k, (chunk, padding) in enumerate(chunks):
@@ -390,6 +412,7 @@ class RLPolicyModule(pl.LightningModule):
                                 self.manual_backward(self._logprobs(self.policy, micro)[0].sum() * 0.0)
                             continue
                         logprobs, entropy = self._logprobs(self.policy, micro)  # [b, C], [b, C]
+                        assert entropy is not None  # with_entropy is on
                         loss, metrics = policy_loss(
                             logprobs,
                             old_logprobs[chunk] if old_logprobs is not None else logprobs.detach(),
@@ -411,13 +434,13 @@ class RLPolicyModule(pl.LightningModule):
             optimizer.step()
             self._maybe_export_periodically()
 
-        self._log_step(batch, sums, tokens_seen, step_loss / hp.ppo_epochs, time.perf_counter() - start)
+        self._log_step(batch, sums, tokens_seen, step_loss / self.ppo_epochs, time.perf_counter() - start)
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning runs the callbacks' hook first (the LongAct row mask zeroes frozen rows there), then this one, so
         # the norm is that of the gradient that is actually applied. Manual optimisation gets no automatic clipping.
-        max_norm = self.hparams.max_grad_norm
+        max_norm = self.max_grad_norm
         grad_norm = clip_grad_norm(self.policy, max_norm)  # equal on every rank; None measures without clipping
         if not torch.isfinite(grad_norm):
             self._skip_update(optimizer, float(grad_norm))
@@ -433,7 +456,7 @@ class RLPolicyModule(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self._skipped_steps += 1
         self._nonfinite_in_a_row += 1
-        limit = self.hparams.max_nonfinite_steps
+        limit = self.max_nonfinite_steps
         log.warning(
             "Step %d: gradient norm %s; the update is skipped (%d in a row, the run stops at %d).",
             self.trainer.global_step, grad_norm, self._nonfinite_in_a_row, limit,
@@ -470,12 +493,14 @@ class RLPolicyModule(pl.LightningModule):
         cannot infer it and rejects every ``log`` call without one — including callbacks logging through
         ``pl_module.log``. It only weights epoch-level means, so the current rollout batch size is a correct default.
         """
-        super().log(name, value, *args, batch_size=batch_size or self._batch_size, **kwargs)
+        # in kwargs: as a keyword next to *args, mypy would count it as possibly given twice
+        kwargs["batch_size"] = batch_size or self._batch_size
+        super().log(name, value, *args, **kwargs)
 
     @override
     def on_train_end(self) -> None:
-        if self.hparams.export_dir is not None:
-            self.export(Path(self.hparams.export_dir))
+        if self.export_dir is not None:
+            self.export(Path(self.export_dir))
 
     def export(self, directory: Path) -> None:
         """Write the policy and tokenizer in HF format (transformers and vLLM load it).
@@ -493,9 +518,10 @@ class RLPolicyModule(pl.LightningModule):
         self.trainer.strategy.barrier("rl_export")
 
     def _maybe_export_periodically(self) -> None:
-        every = self.hparams.export_every_n_steps
+        every = self.export_every_n_steps
         if every is not None and self.global_step % every == 0:
-            self.export(Path(self.hparams.export_dir) / f"step_{self.global_step:06d}")
+            assert self.export_dir is not None  # export_every_n_steps without export_dir is refused in __init__
+            self.export(Path(self.export_dir) / f"step_{self.global_step:06d}")
 
     def _share_of_step(self, batch: RolloutBatch) -> tuple[RolloutBatch, torch.Tensor]:
         """This rank's rows of the step's rollouts and their advantages.
@@ -505,15 +531,14 @@ class RLPolicyModule(pl.LightningModule):
         process would) and the groups dealt out again by scoring tokens, one share per data-parallel group (the ranks
         of a sequence-parallel group share theirs), so no rank waits for one that drew all the long prompts.
         Otherwise the rank keeps its own."""
-        hp = self.hparams
-        world, sp = self.trainer.world_size, hp.sequence_parallel_size
-        pooled = world > 1 and (hp.balance_ranks or sp > 1)
+        world, sp = self.trainer.world_size, self.sequence_parallel_size
+        pooled = world > 1 and (self.balance_ranks or sp > 1)
         if pooled:
             batches: list[Any] = [None] * world
             torch.distributed.all_gather_object(batches, batch.to("cpu"))
             batch = RolloutBatch.concat(batches)
         advantages = group_advantages(
-            batch.rewards, batch.group_ids, self.advantage_std, hp.advantage_eps, hp.leave_one_out
+            batch.rewards, batch.group_ids, self.advantage_std, self.advantage_eps, self.leave_one_out
         )  # [B]
         if not pooled:
             return batch, advantages
@@ -527,24 +552,23 @@ class RLPolicyModule(pl.LightningModule):
     @property
     def _shares_prompt(self) -> bool:
         """Whether groups are scored with their prompt encoded once (sequence parallelism scores sequences whole)."""
-        return self.hparams.share_prompt and self.hparams.sequence_parallel_size == 1
+        return self.share_prompt and self.sequence_parallel_size == 1
 
     def _sequence_parallel(self) -> Any:
         """Forward and backward of a micro-batch run inside this, so activation checkpointing's recompute in backward
         also attends over the whole sequence."""
-        if self.hparams.sequence_parallel_size == 1:
+        if self.sequence_parallel_size == 1:
             return nullcontext()
         return ulysses(self.policy, self._sp_group)
 
     def _micro_batches(self, batch: RolloutBatch) -> list[tuple[torch.Tensor, bool]]:
         """This rank's micro-batches as ``(rows, False)``, then ``(last rows, True)`` zero-weight padding passes until
         it has as many as the rank with the most micro-batches."""
-        hp = self.hparams
-        if hp.max_tokens_per_micro_batch is None:
-            rows = torch.arange(len(batch)).split(hp.micro_batch_size)
+        if self.max_tokens_per_micro_batch is None:
+            rows = torch.arange(len(batch)).split(self.micro_batch_size)
         else:
             plan = plan_micro_batches(
-                batch.attention_mask, batch.prompt_length, batch.group_ids, hp.max_tokens_per_micro_batch,
+                batch.attention_mask, batch.prompt_length, batch.group_ids, self.max_tokens_per_micro_batch,
                 self._shares_prompt,
             )  # fmt: skip
             rows = [torch.tensor(micro) for micro in plan]
@@ -555,7 +579,7 @@ class RLPolicyModule(pl.LightningModule):
         return chunks + [(chunks[-1][0], True)] * (most - len(chunks))
 
     def _score(
-        self, model: torch.nn.Module, batch: RolloutBatch, chunks: list[tuple[torch.Tensor, bool]]
+        self, model: PreTrainedModel, batch: RolloutBatch, chunks: list[tuple[torch.Tensor, bool]]
     ) -> torch.Tensor:
         """Log-probs of the whole batch under ``model``, micro-batch by micro-batch (padding passes run and are
         dropped).  # [B, C]"""
@@ -568,7 +592,7 @@ class RLPolicyModule(pl.LightningModule):
                 scores[chunk] = logprobs
         return scores
 
-    def _stop_if_requested(self, where: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def _stop_if_requested(self, where: str, optimizer: LightningOptimizer | None = None) -> None:
         """Abandon the step on SIGTERM (every rank at the same pass, see ``longact_lightning.stopping``); the weights
         and optimizer state are those of the last completed step, and the partial gradient is dropped."""
         if self._should_stop.agreed():
@@ -577,17 +601,18 @@ class RLPolicyModule(pl.LightningModule):
             raise interrupted(where)
 
     def _logprobs(
-        self, model: torch.nn.Module, batch: RolloutBatch, with_entropy: bool = True
+        self, model: PreTrainedModel, batch: RolloutBatch, with_entropy: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Completion log-probs (and entropies) of ``batch`` under ``model``.  # [b, C], [b, C]"""
-        hp = self.hparams
         args = (model, batch.input_ids, batch.attention_mask, batch.completion_mask.shape[1])
-        if hp.sequence_parallel_size > 1:
+        if self.sequence_parallel_size > 1:
             return sequence_parallel_completion_logprobs(
-                *args, hp.temperature, with_entropy, hp.vocab_chunk_tokens, self._sp_group
+                *args, self.temperature, with_entropy, self.vocab_chunk_tokens, self._sp_group
             )
-        options = {"with_entropy": with_entropy, "pad_to_multiple_of": hp.pad_to_multiple_of,
-                   "chunk_tokens": hp.vocab_chunk_tokens, "temperature": hp.temperature}  # fmt: skip
+        options: dict[str, Any] = {
+            "with_entropy": with_entropy, "pad_to_multiple_of": self.pad_to_multiple_of,
+            "chunk_tokens": self.vocab_chunk_tokens, "temperature": self.temperature,
+        }  # fmt: skip
         if self._shares_prompt:
             return grouped_completion_logprobs(*args, batch.group_ids, **options)
         return completion_logprobs(*args, **options)
@@ -615,7 +640,7 @@ class RLPolicyModule(pl.LightningModule):
             values["train/accuracy"] = batch.correct.float().mean()
         self.log_dict(values, on_step=True, on_epoch=False, sync_dist=True)
         # each rank's loss is its share of the global loss, so the global value is the sum
-        loss /= self.hparams.sequence_parallel_size  # a sequence-parallel group's ranks each hold its whole loss
+        loss /= self.sequence_parallel_size  # a sequence-parallel group's ranks each hold its whole loss
         self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum", prog_bar=True)
 
 

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import CacheLayerMixin
 
 
 class SharedPromptCache(DynamicCache):
@@ -44,15 +45,24 @@ class SharedPromptCache(DynamicCache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        recorded = layer is not None and layer.is_initialized
+        recorded = self._recorded(layer_idx)
         if self._reading:
-            if not recorded:  # a one-token prompt leaves nothing to share
+            if recorded is None:  # a one-token prompt leaves nothing to share
                 return key_states, value_states
-            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
-        if recorded:  # the prompt pass replayed in backward: the recorded K/V are the ones in the graph
+            keys, values = recorded
+            return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        if recorded is not None:  # the prompt pass replayed in backward: the recorded K/V are the ones in the graph
             return key_states, value_states
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _recorded(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The K/V the prompt pass recorded for ``layer_idx``, if any. ``update`` is only called by attention layers,
+        so their cache layer holds K/V (never a linear-attention state)."""
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if not isinstance(layer, CacheLayerMixin) or not layer.is_initialized:
+            return None
+        assert layer.keys is not None and layer.values is not None  # set together when the layer is initialised
+        return layer.keys, layer.values
 
 
 @contextmanager

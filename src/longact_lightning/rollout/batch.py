@@ -78,8 +78,8 @@ class RolloutBatch:
             ids = torch.unique(b.group_ids, return_inverse=True)[1]  # [b] 0.. in order of id
             group_ids.append(ids + offset)
             offset += int(ids.max()) + 1 if len(ids) else 0
-        engine = [b.engine_logprobs for b in batches]
-        correct = [b.correct for b in batches]
+        engine = [b.engine_logprobs for b in batches if b.engine_logprobs is not None]
+        correct = [b.correct for b in batches if b.correct is not None]
         return cls(
             input_ids=torch.cat([sequences(b, b.input_ids) for b in batches]),
             attention_mask=torch.cat([sequences(b, b.attention_mask) for b in batches]),
@@ -88,9 +88,9 @@ class RolloutBatch:
             group_ids=torch.cat(group_ids),
             truncated=torch.cat([b.truncated for b in batches]),
             engine_logprobs=None
-            if any(e is None for e in engine)
+            if len(engine) < len(batches)
             else torch.cat([completions(b, e) for b, e in zip(batches, engine)]),
-            correct=None if any(c is None for c in correct) else torch.cat(correct),
+            correct=None if len(correct) < len(batches) else torch.cat(correct),
         )
 
     @classmethod

@@ -8,7 +8,7 @@ faster, see ``benchmarks/RESULTS.md``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from torch import nn
 
 from longact_lightning.models import EMBEDDED_MODEL, load_causal_lm
 from longact_lightning.rollout.base import GenerationInterrupted, Rollout, SamplingConfig, StopFn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class HFEngine:
@@ -32,7 +35,7 @@ class HFEngine:
     per ``generate`` call; ``max_batch_sequences`` bounds that.
 
     Args:
-        model: HF model directory, hub id, ``"smollm2-135m-instruct"``, or an ``nn.Module`` to share.
+        model: HF model directory, hub id, ``"smollm2-135m-instruct"``, or a loaded HF model to share.
         dtype: dtype a model loaded by name is built in (ignored for a shared module).
         device: where a model loaded by name lives; ``None`` = CUDA when available, else CPU.
         logprobs_mode: ``"processed"`` or ``"raw"``.
@@ -43,7 +46,7 @@ class HFEngine:
 
     def __init__(
         self,
-        model: str | nn.Module = EMBEDDED_MODEL,
+        model: str | PreTrainedModel = EMBEDDED_MODEL,
         dtype: str = "bfloat16",
         device: str | None = None,
         logprobs_mode: Literal["processed", "raw"] = "processed",
@@ -152,7 +155,8 @@ class HFEngine:
             output_logits=self.logprobs_mode == "raw",
         )
         criteria = StoppingCriteriaList([_StopWhen(should_stop)] if should_stop is not None else [])
-        output = self.model.generate(
+        # `generate` is GenerationMixin's, which causal LMs mix in and PreTrainedModel does not declare
+        output = self.model.generate(  # type: ignore[operator]
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
             stopping_criteria=criteria,
         )  # fmt: skip

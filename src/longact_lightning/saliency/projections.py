@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -150,14 +150,18 @@ def _from_patterns(
     if unknown:
         raise ValueError(f"patterns has keys {sorted(unknown)}; only 'q' and 'k' are allowed.")
     found = []
-    for kind, pattern in patterns.items():
+    for kind in ("q", "k"):
+        if kind not in patterns:
+            continue
         for name, module in linears.items():
-            if re.search(pattern, name):
+            if re.search(patterns[kind], name):
                 found.append(_projection(name, module, kind, torch.arange(module.out_features), layout))
     return found
 
 
-def _projection(name: str, module: nn.Linear, kind: str, rows: torch.Tensor, layout: _HeadLayout) -> QKProjection:
+def _projection(
+    name: str, module: nn.Linear, kind: Literal["q", "k"], rows: torch.Tensor, layout: _HeadLayout
+) -> QKProjection:
     num_heads = layout.num_heads if kind == "q" else layout.num_kv_heads
     head_dim = layout.head_dim
     if rows.numel() != num_heads * head_dim:  # user patterns on a model whose config disagrees: one head per row
@@ -198,7 +202,8 @@ def _find_config(model: nn.Module) -> object:
     )
 
 
-def _head_layout(config: object) -> _HeadLayout:
+def _head_layout(config: Any) -> _HeadLayout:
+    """Head counts from a HF config; which fields exist depends on the architecture, hence read duck-typed."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_heads = text_config.num_attention_heads
     num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads

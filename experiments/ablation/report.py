@@ -1,0 +1,199 @@
+"""The ablation's report from the ``result.json`` files present: ``results.csv``, ``results.md`` and ``ablation.png``.
+
+Per arm: the mean held-out accuracy with a 95 % t-interval over seeds; per arm against ``none``: the paired per-seed
+difference with its t-interval, the paired t-test, and the smallest difference this many seeds could detect with
+80 % power given the measured spread of the differences (the power statement: a non-significant result only rules
+out differences above it). Rebuilt after every run, and by ``--report-only`` at any time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from experiments.ablation.stats import detectable_difference, mean_ci, paired_difference
+
+ARMS = ("high", "none", "random", "low")
+BASELINE = "none"
+
+
+def load_results(out: Path) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, Any] | None]:
+    """``({arm: {seed: result}}, base result or None)`` from every ``result.json`` under ``out``."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    base = None
+    for path in sorted(out.glob("*/result.json")):
+        result = json.loads(path.read_text())
+        if result["arm"] == "base":
+            base = result
+        else:
+            runs.setdefault(result["arm"], {})[int(result["seed"])] = result
+    return runs, base
+
+
+def summary_rows(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], last_k: int = 3) -> list[dict[str, Any]]:
+    """One row per arm: held-out accuracy mean ± 95 % CI, paired difference vs ``none``, final training reward."""
+    rows = []
+    control = {s: r["accuracy"] for s, r in runs.get(BASELINE, {}).items()}
+    for arm in [a for a in ARMS if a in runs] + sorted(set(runs) - set(ARMS)):
+        by_seed = runs[arm]
+        acc = mean_ci([r["accuracy"] for r in by_seed.values()])
+        final_rewards = [statistics.fmean(r["reward_curve"][-last_k:]) for r in by_seed.values() if r["reward_curve"]]
+        reward = mean_ci(final_rewards) if final_rewards else None
+        row: dict[str, Any] = {
+            "arm": arm,
+            "seeds": acc.n,
+            "heldout_acc_mean": round(acc.mean, 2),
+            "heldout_acc_ci95": round(acc.half_width, 2) if not math.isnan(acc.half_width) else "",
+            "per_seed": " ".join(f"{s}:{by_seed[s]['accuracy']:.1f}" for s in sorted(by_seed)),
+            f"reward_last{last_k}_mean": round(reward.mean, 3) if reward else "",
+            f"reward_last{last_k}_ci95": (
+                round(reward.half_width, 3) if reward and not math.isnan(reward.half_width) else ""
+            ),
+            "diff_vs_none": "",
+            "diff_ci95": "",
+            "paired_t": "",
+            "p_value": "",
+            "detectable_diff_80": "",
+            "train_s_mean": round(statistics.fmean(r["train_seconds"] for r in by_seed.values()), 1),
+            "eval_s_mean": round(statistics.fmean(r["eval_seconds"] for r in by_seed.values()), 1),
+        }
+        if arm != BASELINE and control and set(control) & set(by_seed):
+            diff = paired_difference({s: r["accuracy"] for s, r in by_seed.items()}, control)
+            row["diff_vs_none"] = round(diff.interval.mean, 2)
+            row["diff_ci95"] = "" if math.isnan(diff.interval.half_width) else round(diff.interval.half_width, 2)
+            row["paired_t"] = "" if math.isnan(diff.t) else round(diff.t, 2)
+            row["p_value"] = "" if math.isnan(diff.p_value) else round(diff.p_value, 3)
+            detectable = detectable_difference(diff.interval.sd, diff.interval.n)
+            row["detectable_diff_80"] = "" if math.isnan(detectable) else round(detectable, 1)
+        rows.append(row)
+    return rows
+
+
+def write_report(out: Path, command: str | None = None) -> list[dict[str, Any]]:
+    """``results.csv``, ``results.md`` and ``ablation.png`` from the results present under ``out``.
+
+    ``command`` (default: the one saved in ``<out>/command.txt`` by the last run) is quoted in ``results.md``.
+    """
+    if command is None and (out / "command.txt").is_file():
+        command = (out / "command.txt").read_text().strip()
+    runs, base = load_results(out)
+    rows = summary_rows(runs)
+    if rows:
+        with (out / "results.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    lines = ["# LongAct ablation: results", ""]
+    if command:
+        lines += ["Command:", "", f"    {command}", ""]
+    any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
+    if any_run:
+        s = any_run["settings"]
+        lines += [
+            f"Training: `{s['config']}` with {s['steps']} steps, lr {s['lr']}, RULER `{s['task']}` at "
+            f"{s['target_length']} tokens, {s['prompts_per_step']} prompts x {s['group_size']} samples per step, "
+            f"{s['max_new_tokens']} new "
+            f"tokens, dynamic sampling off. Held-out: {s['heldout_samples']} records (seed {s['heldout_seed']}), "
+            f"greedy, {s['eval_max_tokens']} new tokens, engine `{s['engine']}`.",
+            "",
+        ]
+    if base:
+        lines += [
+            f"Base model (untrained) held-out accuracy: **{base['accuracy']:.1f} %** "
+            f"({base['heldout_records']} records).",
+            "",
+        ]
+    lines += [
+        "| arm | seeds | held-out acc % (mean ± 95 % CI) | per seed | paired diff vs none (± 95 % CI) |"
+        " paired t | p | detectable diff (80 % power) | final train reward (last 3 steps) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ci = f" ± {r['heldout_acc_ci95']:.1f}" if r["heldout_acc_ci95"] != "" else ""
+        diff = (
+            ""
+            if r["diff_vs_none"] == ""
+            else f"{r['diff_vs_none']:+.1f}" + (f" ± {r['diff_ci95']:.1f}" if r["diff_ci95"] != "" else "")
+        )
+        reward = (
+            ""
+            if r["reward_last3_mean"] == ""
+            else f"{r['reward_last3_mean']:.3f}"
+            + (f" ± {r['reward_last3_ci95']:.3f}" if r["reward_last3_ci95"] != "" else "")
+        )
+        lines.append(
+            f"| {r['arm']} | {r['seeds']} | {r['heldout_acc_mean']:.1f}{ci} | {r['per_seed']} | {diff or '—'} | "
+            f"{r['paired_t'] if r['paired_t'] != '' else '—'} | {r['p_value'] if r['p_value'] != '' else '—'} | "
+            f"{r['detectable_diff_80'] if r['detectable_diff_80'] != '' else '—'} | {reward} |"
+        )
+    lines += [
+        "",
+        "CI: two-sided 95 % Student-t interval over seeds (n − 1 dof). Paired diff: per-seed accuracy(arm) −"
+        " accuracy(none) with the same seed (same prompts, sampling seed and held-out set), then the t-interval and"
+        " a paired t-test of those differences. Detectable diff: the smallest true paired difference a two-sided"
+        " paired t-test at alpha 0.05 on this many seeds detects with 80 % power, given the measured standard"
+        " deviation of the differences (noncentral t); a non-significant result rules out only differences larger"
+        " than it.",
+        "",
+        "![ablation](ablation.png)",
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(lines))
+    if runs:
+        plot(runs, base, out / "ablation.png")
+    return rows
+
+
+def plot(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], base: Mapping[str, Any] | None, path: Path) -> None:
+    """Left: ``train/reward_mean`` per step, mean over seeds with a 95 % t-band. Right: held-out accuracy per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in ARMS if a in runs]
+    colors = {"high": "tab:red", "none": "tab:gray", "random": "tab:blue", "low": "tab:green"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for arm in arms:
+        curves = [r["reward_curve"] for r in runs[arm].values() if r["reward_curve"]]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        steps = list(range(length))
+        stats = [mean_ci([c[i] for c in curves]) for i in steps]
+        means = [s.mean for s in stats]
+        left.plot(steps, means, marker="o", color=colors.get(arm), label=f"{arm} (n={len(curves)})")
+        if len(curves) > 1:
+            left.fill_between(steps, [s.low for s in stats], [s.high for s in stats], color=colors.get(arm), alpha=0.15)
+    left.xaxis.get_major_locator().set_params(integer=True)
+    left.set_xlabel("optimizer step (reward of the rollouts that step trained on)")
+    left.set_ylabel("train/reward_mean (all rollouts)")
+    left.set_title("Training reward: mean over seeds, 95 % t-band")
+    left.legend()
+    for i, arm in enumerate(arms):
+        values = [runs[arm][s]["accuracy"] for s in sorted(runs[arm])]
+        ci = mean_ci(values)
+        right.scatter([i + 0.12] * len(values), values, color=colors.get(arm), alpha=0.6, s=18)
+        err = 0.0 if math.isnan(ci.half_width) else ci.half_width
+        right.errorbar([i], [ci.mean], yerr=[err], fmt="o", color=colors.get(arm), capsize=6, markersize=8)
+    if base:
+        label = f"base model {base['accuracy']:.1f} %"
+        right.axhline(base["accuracy"], color="black", linestyle="--", linewidth=1, label=label)
+        right.legend(loc="lower right")
+    right.set_xticks(range(len(arms)), arms)
+    right.set_xlim(-0.5, len(arms) - 0.5)
+    right.set_ylabel("held-out accuracy (%)")
+    right.set_title("Held-out accuracy: mean ± 95 % CI (dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------------------
