@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch.distributed
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -230,10 +229,6 @@ def main() -> None:
         cli_main()
     except SIGTERMException:
         raise SystemExit(EXIT_CODE) from None
-    # A finished run leaves its process group explicitly: one torn down at interpreter exit can abort in C++
-    # (SIGABRT), which a scheduler reports as a failed job.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
