@@ -97,7 +97,8 @@ def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float =
 
     def shortfall(delta: float) -> float:
         nc = delta * math.sqrt(n) / sd
-        rejects = stats.nct.sf(critical, dof, nc) + stats.nct.cdf(-critical, dof, nc)
+        # the lower tail P(T < -c) as P(T > c) at -nc: scipy's nct.cdf returns NaN for some tails near 1e-16
+        rejects = stats.nct.sf(critical, dof, nc) + stats.nct.sf(critical, dof, -nc)
         return float(rejects) - power
 
     high = sd

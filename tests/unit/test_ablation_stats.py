@@ -78,6 +78,12 @@ def test_detectable_difference_has_the_stated_power(n):
     assert delta > (1.959964 + 0.841621) * sd / math.sqrt(n)
 
 
+def test_detectable_difference_with_two_pairs():
+    # 2 seeds (1 dof), the spread of a partial ablation: the bracket passes tails where scipy's nct.cdf gave NaN
+    delta = detectable_difference(4.419417382415921, 2)
+    assert 35.4 < delta < 200.0 and math.isfinite(delta)
+
+
 def test_detectable_difference_is_undefined_without_spread_or_pairs():
     assert math.isnan(detectable_difference(0.0, 6)) and math.isnan(detectable_difference(5.0, 1))
 
