@@ -42,6 +42,7 @@ from longact_lightning.callbacks import HostMemoryReuse, LongAct
 from longact_lightning.data.datamodule import RolloutDataModule
 from longact_lightning.data.records import PromptRecord
 from longact_lightning.models import EMBEDDED_MODEL
+from longact_lightning.rl.losses import LossConfig
 from longact_lightning.rl.module import RLPolicyModule
 from longact_lightning.rollout.batch import RolloutBatch
 
@@ -276,8 +277,9 @@ def main() -> None:
 
     pl.seed_everything(0)
     module = RLPolicyModule(
-        model=EMBEDDED_MODEL, loss_type="dapo", lr=LEARNING_RATE, micro_batch_size=args.micro_batch_size,
-        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, max_grad_norm=1.0,
+        model=EMBEDDED_MODEL, loss=LossConfig(loss_type="dapo"), lr=LEARNING_RATE,
+        micro_batch_size=args.micro_batch_size, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+        max_grad_norm=1.0,
         pad_to_multiple_of=args.pad_to_multiple_of, gradient_checkpointing=args.gradient_checkpointing,
         share_prompt=not args.no_share_prompt,
     )  # fmt: skip

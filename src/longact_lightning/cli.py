@@ -185,7 +185,7 @@ class LongActCLI(LightningCLI):
         # The loss scores log-probs at the temperature the rollouts were sampled at, and Dr.GRPO's L_max is the
         # generation budget: each is set once, on the data side, so the two can never disagree.
         parser.link_arguments("data.temperature", "model.temperature")
-        parser.link_arguments("data.max_new_tokens", "model.max_completion_length")
+        parser.link_arguments("data.max_new_tokens", "model.loss.max_completion_length")
         parser.add_lightning_class_args(LongAct, "longact")
         parser.add_lightning_class_args(RankSafeCheckpoint, "checkpoint")
         parser.add_lightning_class_args(HostMemoryReuse, "host_memory")

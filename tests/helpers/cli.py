@@ -91,7 +91,7 @@ def write_run_config(path: Path, model_dir: Path, out: Path, **overrides: Any) -
         "checkpoint": {"dirpath": str(out / "checkpoints"), "every_n_train_steps": 1},
         "model": {
             "model": str(model_dir),
-            "loss_type": "dapo",
+            "loss": {"loss_type": "dapo"},
             "lr": 1e-2,  # large, so that trainable rows visibly move in a few steps
             "weight_decay": 0.1,  # decoupled decay: frozen rows must not shrink either
             "micro_batch_size": 4,

@@ -118,12 +118,13 @@ def _one_process_step(
     from lightning.pytorch import Trainer
 
     from longact_lightning.callbacks import LongAct
+    from longact_lightning.rl.losses import LossConfig
     from longact_lightning.rl.module import RLPolicyModule
     from tests.helpers.cli import ReplayBatches
 
     module = RLPolicyModule(
         model=str(model_dir),
-        loss_type="dapo",
+        loss=LossConfig(loss_type="dapo"),
         lr=1e-2,
         weight_decay=0.1,
         micro_batch_size=micro_batch_size,

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from longact_lightning.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 from longact_lightning.rl.logprobs import completion_logprobs
+from longact_lightning.rl.losses import LossConfig
 from longact_lightning.rl.module import RLPolicyModule
 from longact_lightning.rollout.base import Rollout
 from longact_lightning.rollout.batch import RolloutBatch
@@ -77,8 +78,8 @@ def test_exported_checkpoint_loads_and_generates_in_transformers_and_vllm(tmp_pa
     torch.set_num_threads(2)
     export_dir = tmp_path / "export"
     module = RLPolicyModule(
-        model=EMBEDDED_MODEL, loss_type="dapo", micro_batch_size=4, lr=1e-4, export_dir=str(export_dir),
-        export_every_n_steps=1,
+        model=EMBEDDED_MODEL, loss=LossConfig(loss_type="dapo"), micro_batch_size=4, lr=1e-4,
+        export_dir=str(export_dir), export_every_n_steps=1,
     )  # fmt: skip
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
     prompt = tuple(tokenizer("The capital of France is")["input_ids"])

@@ -133,14 +133,16 @@ def test_gpu_config_values(config):
     assert c.trainer.max_steps % c.model.ppo_epochs == 0
     name = config.stem
     if name == "qwen_dapo":
-        assert c.model.loss_type == "dapo" and (c.model.clip_eps_low, c.model.clip_eps_high) == (0.2, 0.28)
+        loss = c.model.loss
+        assert loss.loss_type == "dapo" and (loss.clip_eps_low, loss.clip_eps_high) == (0.2, 0.28)
         assert c.data.dynamic_sampling is True and c.data.overlong_buffer_tokens > 0 and c.data.group_size == 16
-        assert c.model.beta == 0
+        assert c.model.loss.beta == 0
     elif name == "qwen_grpo":
-        assert c.model.loss_type == "grpo" and c.model.beta > 0 and c.model.kl_estimator == "k3"
+        assert c.model.loss.loss_type == "grpo" and c.model.loss.beta > 0 and c.model.loss.kl_estimator == "k3"
         assert c.data.group_size == 16
     elif name == "qwen_klcov":
-        assert c.model.loss_type == "kl_cov" and c.model.kl_cov_ratio == 2e-3 and c.model.kl_cov_coef == 1.0
+        loss = c.model.loss
+        assert loss.loss_type == "kl_cov" and loss.kl_cov_ratio == 2e-3 and loss.kl_cov_coef == 1.0
         assert c.model.ppo_epochs >= 2  # the |log pi - log pi_old| penalty is zero on a batch's first update
         assert c.data.dynamic_sampling is True
     else:
@@ -176,11 +178,11 @@ def test_config_instantiates_on_cpu_with_a_tiny_model(config, tiny_model_dir, tm
     assert cli.trainer.max_steps == written["trainer"]["max_steps"]
     model, data = cli.model, cli.datamodule
     assert isinstance(model, RLPolicyModule) and isinstance(data, RolloutDataModule)
-    assert model.loss_config.loss_type == written["model"]["loss_type"]
+    assert model.loss_config.loss_type == written["model"]["loss"]["loss_type"]
     assert data.model == str(tiny_model_dir)  # model.model -> data.model link
     assert data.sampling.n == written["data"]["group_size"]
     assert isinstance(data.source, RulerSource)
-    assert (model.reference is not None) == (written["model"].get("beta", 0) > 0)
+    assert (model.reference is not None) == (written["model"]["loss"].get("beta", 0) > 0)
     assert model.policy.is_gradient_checkpointing == written["model"].get("gradient_checkpointing", False)
 
     callbacks = cli.trainer.callbacks
@@ -247,7 +249,7 @@ def test_bad_callback_value_fails_before_the_model_loads(capsys, monkeypatch):
 def test_sampling_temperature_and_budget_are_set_once_on_the_data_side(capsys):
     c = _parse("--config", str(DEMO), "--data.temperature", "0.7", "--data.max_new_tokens", "40")
     # the loss scores at the temperature the engine sampled at; Dr.GRPO's L_max is the generation budget
-    assert (c.model.temperature, c.model.max_completion_length) == (0.7, 40)
+    assert (c.model.temperature, c.model.loss.max_completion_length) == (0.7, 40)
     assert 'must be given via "data.temperature"' in _fails(capsys, "--model.temperature", "0.7")
 
 

@@ -14,11 +14,13 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_every
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from longact_lightning.rl.losses import LossConfig
 from longact_lightning.rl.module import RLPolicyModule
 from longact_lightning.rollout.base import Rollout
 from longact_lightning.rollout.batch import RolloutBatch
 
 TOKENIZER = "smollm2-135m-instruct"  # only saved next to exports; the tiny models ignore it
+DAPO = LossConfig(loss_type="dapo")
 VOCAB, TARGET, EOS, PAD = 128, 7, 2, 0
 
 
@@ -102,7 +104,7 @@ def test_dapo_gradient_equals_independent_full_logits_formula(tiny_model_dir, mi
     """One DAPO step, micro-batched, against -(1/N) sum_{i,t} A_i grad log pi(y_it), from full logits."""
     batch = _random_batch(seed=1)
     module = RLPolicyModule(
-        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", max_grad_norm=None, lr=1e-3, **micro_batching
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss=DAPO, max_grad_norm=None, lr=1e-3, **micro_batching
     )
     reference = LlamaForCausalLM.from_pretrained(tiny_model_dir)  # same weights, independent forward
 
@@ -138,7 +140,7 @@ def test_each_optimizer_step_sees_only_its_own_gradient(tiny_model_dir, ppo_epoc
     # the same batch twice (or one batch for two PPO epochs), at a learning rate too small to change a float32 weight:
     # both optimizer steps' gradients are equal unless one leaks into the next (zero_grad per step, not per batch)
     module = RLPolicyModule(
-        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=1e-30, micro_batch_size=6, ppo_epochs=ppo_epochs
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss=DAPO, lr=1e-30, micro_batch_size=6, ppo_epochs=ppo_epochs
     )
     grads = []
 
@@ -154,7 +156,7 @@ def test_each_optimizer_step_sees_only_its_own_gradient(tiny_model_dir, ppo_epoc
 @pytest.mark.parametrize("max_grad_norm", [1.0, None])  # with clipping, and measured only
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_model_dir, max_grad_norm):
     module = RLPolicyModule(
-        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=1e-2, micro_batch_size=6, max_nonfinite_steps=2,
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss=DAPO, lr=1e-2, micro_batch_size=6, max_nonfinite_steps=2,
         max_grad_norm=max_grad_norm,
     )  # fmt: skip
     good = _random_batch(seed=1)
@@ -187,15 +189,22 @@ def test_resuming_refuses_another_model_and_names_changed_settings(tiny_model_di
     two_steps = _FixedBatches([batch] * 2)
     with pytest.raises(ValueError, match="trained from model=.*tiny.*this run asks for model=.*other"):
         _trainer(2).fit(RLPolicyModule(model=str(other), tokenizer=TOKENIZER), two_steps, ckpt_path=ckpt)
-    changed_lr = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, lr=1e-3)
-    with pytest.warns(UserWarning, match=r"model.lr: 1e-06 -> 0.001"):
-        _trainer(2).fit(changed_lr, _FixedBatches([batch] * 2), ckpt_path=ckpt)
+    changed = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, lr=1e-3, loss=LossConfig(entropy_coef=0.01))
+    with pytest.warns(UserWarning, match=r"model.loss.entropy_coef: 0.0 -> 0.01, model.lr: 1e-06 -> 0.001"):
+        _trainer(2).fit(changed, _FixedBatches([batch] * 2), ckpt_path=ckpt)
+    # the loss settings travel in the checkpoint as plain values (torch.load(weights_only=True) reads them) and
+    # rebuild the module's LossConfig
+    saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert saved["loss"] == dataclasses.asdict(LossConfig())
+    assert RLPolicyModule(**saved).loss_config == LossConfig()
 
 
 def test_batches_are_pulled_only_after_the_previous_optimizer_step(tiny_model_dir):
     """`training_step(dataloader_iter)` => no prefetch: batch k is generated when global_step == k (on-policy)."""
     datamodule = _FixedBatches([_random_batch(seed=s) for s in range(3)])
-    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="grpo", micro_batch_size=4, lr=1e-3)
+    module = RLPolicyModule(
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss=LossConfig(loss_type="grpo"), micro_batch_size=4, lr=1e-3
+    )
     _trainer(3).fit(module, datamodule=datamodule)
     assert datamodule.connected is module.policy
     assert datamodule.pulled_at_step == [0, 1, 2]
@@ -204,8 +213,8 @@ def test_batches_are_pulled_only_after_the_previous_optimizer_step(tiny_model_di
 def test_ppo_epochs_give_one_optimizer_step_each_and_use_old_logprobs(tiny_model_dir):
     datamodule = _FixedBatches([_random_batch(seed=s) for s in range(2)])
     module = RLPolicyModule(
-        model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", ppo_epochs=3, micro_batch_size=4, lr=1e-2,
-        beta=0.05,
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss=LossConfig(loss_type="dapo", beta=0.05), ppo_epochs=3,
+        micro_batch_size=4, lr=1e-2,
     )  # fmt: skip
     trainer = _trainer(6)
     trainer.fit(module, datamodule=datamodule)
@@ -231,7 +240,7 @@ def test_gradient_clipping_sees_the_callbacks_masked_gradients(tiny_model_dir):
             seen["norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
             seen["embed"] = pl_module.policy.model.embed_tokens.weight.grad.abs().max().item()
 
-    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", max_grad_norm=1e-4, lr=1e-3)
+    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss=DAPO, max_grad_norm=1e-4, lr=1e-3)
     trainer = _trainer(1, [ZeroEmbeddings(), Inspect()])
     trainer.fit(module, datamodule=_FixedBatches([_random_batch(seed=3)]))
     assert trainer.callback_metrics["train/grad_norm"].item() > 1e-4  # the pre-clip norm was larger ...
@@ -247,7 +256,7 @@ def test_module_path_applies_lm_head_only_to_completion_positions(tiny_model_dir
     group = [Rollout(prompt, tuple(torch.randint(3, VOCAB, (n,), generator=g).tolist()), None, "stop") for n in (3, 4)]
     batch = RolloutBatch.from_groups([group], [[1.0, 0.0]], pad_token_id=PAD)
     module = RLPolicyModule(
-        model=tiny_model_dir, tokenizer=TOKENIZER, beta=0.1, ppo_epochs=2, micro_batch_size=1,
+        model=tiny_model_dir, tokenizer=TOKENIZER, loss=LossConfig(beta=0.1), ppo_epochs=2, micro_batch_size=1,
         gradient_checkpointing=True, share_prompt=False,
     )  # fmt: skip
     seen: list[int] = []
@@ -264,8 +273,6 @@ def test_module_path_applies_lm_head_only_to_completion_positions(tiny_model_dir
         ({"micro_batch_size": 0}, "micro_batch_size=0 must be >= 1"),
         ({"pad_to_multiple_of": 0}, "pad_to_multiple_of=0 must be >= 1"),
         ({"hybrid_shard_replicas": 0}, "hybrid_shard_replicas=0 must be >= 1"),
-        ({"loss_type": "ppo"}, "loss_type='ppo' is not supported"),
-        ({"loss_type": "dr_grpo"}, "max_completion_length=None"),
         ({"export_every_n_steps": 5}, "needs export_dir"),
         ({"temperature": 0.0}, "temperature=0.0 must be > 0"),
         ({"model": "/nonexistent/model"}, "does not exist"),
@@ -279,7 +286,8 @@ def test_bad_arguments_fail_early_with_the_value_and_the_fix(tiny_model_dir, kwa
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
 def test_dr_grpo_advantages_are_centred_rewards_without_std_scaling(tiny_model_dir, loss_type):
-    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type=loss_type, max_completion_length=8)
+    loss = LossConfig(loss_type=loss_type, max_completion_length=8)
+    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss=loss)
     module.trainer = SimpleNamespace(world_size=1)
     batch = _random_batch(0)
     _, advantages = module._share_of_step(batch)
@@ -290,8 +298,8 @@ def test_dr_grpo_advantages_are_centred_rewards_without_std_scaling(tiny_model_d
 
 
 def test_reference_model_is_built_only_when_beta_is_positive(tiny_model_dir):
-    assert RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, beta=0.0).reference is None
-    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, beta=0.1)
+    assert RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss=LossConfig(beta=0.0)).reference is None
+    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss=LossConfig(beta=0.1))
     assert not any(p.requires_grad for p in module.reference.parameters())
     assert module.reference.training is False
 
@@ -358,7 +366,7 @@ def test_rule_reward_rises_within_fixed_seeded_steps(tiny_model_dir, longact):
     steps = 16
     callbacks = _longact_callbacks() if longact == "on" else []
     seed_everything(0)
-    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss_type="dapo", lr=3e-2, micro_batch_size=32)
+    module = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, loss=DAPO, lr=3e-2, micro_batch_size=32)
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if "q_proj" in n or "k_proj" in n}
     datamodule = _GenerateOnDemand(steps)
     _trainer(steps, callbacks).fit(module, datamodule=datamodule)

@@ -51,24 +51,30 @@ DEFAULT_CLIP: dict[str, tuple[float, float]] = {
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The knobs of :func:`policy_loss`; field names match :class:`~longact_lightning.rl.module.RLPolicyModule`.
+    """The knobs of :func:`policy_loss`: ``RLPolicyModule(loss=...)``, ``model.loss.*`` in a config.
 
     Attributes:
-        loss_type: which per-token objective.
-        clip_eps_low: lower clip range, ratio clipped to ``1 - clip_eps_low``; ``None`` = the method's default.
-        clip_eps_high: upper clip range (DAPO's clip-higher), ratio clipped to ``1 + clip_eps_high``.
-        clip_ratio_c: dual-clip bound ``c > 1``: for negative advantages the loss is capped at ``-A * c``.
-        aggregation: override the method's aggregation (``None`` = :data:`DEFAULT_AGGREGATION`).
-        max_completion_length: Dr.GRPO's constant ``L_max`` (the generation budget, not the batch's longest).
-        beta: coefficient of the KL-to-reference term (0 = no reference model).
-        kl_estimator: ``k1`` / ``k2`` / ``k3`` estimator of KL(pi || pi_ref).
-        entropy_coef: weight of the entropy bonus (subtracted from the loss).
-        kl_cov_ratio: fraction of valid tokens KL-Cov penalises (a fraction, as in verl, not a percentage).
+        loss_type: ``grpo`` | ``dapo`` | ``dr_grpo`` | ``gspo`` | ``kl_cov`` | ``clip_cov``.
+        clip_eps_low: lower clip range, ratio clipped to ``1 - clip_eps_low``; ``None`` = the loss type's default
+            (0.2; GSPO 3e-4).
+        clip_eps_high: upper clip range, ratio clipped to ``1 + clip_eps_high``; ``None`` = the default (0.2; DAPO's
+            clip-higher 0.28; GSPO 4e-4).
+        clip_ratio_c: dual-clip bound ``c > 1`` (verl uses 3.0): for negative advantages the loss is capped at
+            ``-A * c``; ``None`` disables it.
+        aggregation: override the loss type's aggregation (``seq_mean_token_mean`` | ``token_mean`` |
+            ``seq_mean_token_sum_norm``; ``None`` = :data:`DEFAULT_AGGREGATION`).
+        max_completion_length: Dr.GRPO's constant ``L_max`` (the generation budget, not the batch's longest); the
+            ``longact`` CLI links it to ``data.max_new_tokens``.
+        beta: coefficient of the KL-to-reference term; > 0 makes ``RLPolicyModule`` load a frozen reference copy.
+        kl_estimator: ``k1`` / ``k2`` / ``k3`` estimator of KL(pi || pi_ref) (also logged as ``train/kl``).
+        entropy_coef: weight of the entropy bonus (subtracted from the loss; 0 = entropy is only logged).
+        kl_cov_ratio: fraction of valid tokens KL-Cov penalises (a fraction, as in verl: 0.002 = the 7B recipe).
         kl_cov_coef: KL-Cov's penalty coefficient on ``|log pi - log pi_old|``.
         clip_cov_ratio: fraction of valid tokens Clip-Cov detaches.
         clip_cov_lb: Clip-Cov's lower covariance bound for candidate tokens.
         clip_cov_ub: Clip-Cov's upper covariance bound for candidate tokens.
-        tis_cap: cap of the truncated importance weight ``min(pi_old / pi_engine, cap)``; ``None`` disables it.
+        tis_cap: cap of the truncated importance weight ``min(pi_old / pi_engine, cap)`` between trainer and engine
+            log-probs; ``None`` disables it.
     """
 
     loss_type: LossType = "grpo"

@@ -13,10 +13,11 @@ ranks, and logs ``val/<task>/score`` (``test/...``) in percent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ from longact_lightning.rl.logprobs import (
     grouped_completion_logprobs,
     sequence_parallel_completion_logprobs,
 )
-from longact_lightning.rl.losses import Aggregation, KLEstimator, LossConfig, LossType, policy_loss, step_denominator
+from longact_lightning.rl.losses import LossConfig, policy_loss, step_denominator
 from longact_lightning.rl.micro_batches import balanced_partition, group_costs, plan_micro_batches
 from longact_lightning.rl.precision import autocast_weights_once
 from longact_lightning.rollout.batch import RolloutBatch
@@ -85,22 +86,11 @@ class RLPolicyModule(pl.LightningModule):
         tokenizer: tokenizer name or path; ``None`` uses ``model``'s. Only saved next to exports.
         dtype: dtype the weights are loaded in (``"float32"``, ``"bfloat16"``, ``"float16"``). Mixed precision is
             Lightning's ``Trainer(precision=...)``.
-        loss_type: ``grpo`` | ``dapo`` | ``dr_grpo`` | ``gspo`` | ``kl_cov`` | ``clip_cov``.
-        clip_eps_low: lower clip range ``1 - eps_low``; ``None`` = the loss type's default (0.2; GSPO 3e-4).
-        clip_eps_high: upper clip range ``1 + eps_high``; ``None`` = default (0.2; DAPO 0.28; GSPO 4e-4).
-        clip_ratio_c: dual-clip bound (> 1, verl uses 3.0) for negative advantages; ``None`` disables it.
-        aggregation: override the loss type's aggregation (``seq_mean_token_mean`` | ``token_mean`` |
-            ``seq_mean_token_sum_norm``).
-        max_completion_length: Dr.GRPO's constant ``L_max``; set it to the rollout's max tokens.
-        beta: KL-to-reference coefficient; > 0 loads a frozen reference copy of ``model``.
-        kl_estimator: ``k1`` | ``k2`` | ``k3`` estimator of the KL term (also logged as ``train/kl``).
-        entropy_coef: entropy bonus weight (0 = entropy is only logged).
-        kl_cov_ratio: KL-Cov: fraction of tokens penalised (0.002 = the 7B recipe).
-        kl_cov_coef: KL-Cov: coefficient on ``|log pi - log pi_old|``.
-        clip_cov_ratio: Clip-Cov: fraction of tokens detached.
-        clip_cov_lb: Clip-Cov: lower covariance bound of candidates.
-        clip_cov_ub: Clip-Cov: upper covariance bound of candidates.
-        tis_cap: cap of the truncated importance weight between trainer and engine log-probs; ``None`` = off.
+        loss: the policy loss and its knobs (:class:`~longact_lightning.rl.losses.LossConfig`: ``loss_type`` =
+            ``grpo`` | ``dapo`` | ``dr_grpo`` | ``gspo`` | ``kl_cov`` | ``clip_cov``, clip ranges and dual clip,
+            aggregation, Dr.GRPO's ``max_completion_length``, ``beta`` (KL to a frozen reference copy of ``model``,
+            loaded when > 0) and its estimator, the entropy bonus, KL-Cov / Clip-Cov, the TIS cap). In a config:
+            ``model.loss.loss_type: dapo``; on the command line ``--model.loss.beta 0.04``.
         advantage_std: ``group`` | ``batch`` | ``none`` std scaling; ``None`` = ``none`` for Dr.GRPO, else ``group``.
         advantage_eps: epsilon added to the std.
         leave_one_out: use the leave-one-out mean as the baseline (RLOO).
@@ -154,21 +144,7 @@ class RLPolicyModule(pl.LightningModule):
         model: str = EMBEDDED_MODEL,
         tokenizer: str | None = None,
         dtype: str = "float32",
-        loss_type: LossType = "grpo",
-        clip_eps_low: float | None = None,
-        clip_eps_high: float | None = None,
-        clip_ratio_c: float | None = None,
-        aggregation: Aggregation | None = None,
-        max_completion_length: int | None = None,
-        beta: float = 0.0,
-        kl_estimator: KLEstimator = "k3",
-        entropy_coef: float = 0.0,
-        kl_cov_ratio: float = 2e-3,
-        kl_cov_coef: float = 1.0,
-        clip_cov_ratio: float = 2e-4,
-        clip_cov_lb: float = 1.0,
-        clip_cov_ub: float = 5.0,
-        tis_cap: float | None = None,
+        loss: LossConfig = LossConfig(),
         advantage_std: StdScaling | None = None,
         advantage_eps: float = 1e-6,
         leave_one_out: bool = False,
@@ -194,25 +170,14 @@ class RLPolicyModule(pl.LightningModule):
         export_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if isinstance(loss, Mapping):  # a checkpoint's hyper-parameters hold it as a dict (see below)
+            loss = LossConfig(**loss)
+        # The loss settings are saved as a plain dict: checkpoints are read with torch.load(weights_only=True),
+        # which refuses classes of ours.
+        self.save_hyperparameters(ignore=["loss"])
+        self.hparams["loss"] = dataclasses.asdict(loss)
         self.automatic_optimization = False
-        self.loss_config = LossConfig(
-            loss_type=loss_type,
-            clip_eps_low=clip_eps_low,
-            clip_eps_high=clip_eps_high,
-            clip_ratio_c=clip_ratio_c,
-            aggregation=aggregation,
-            max_completion_length=max_completion_length,
-            beta=beta,
-            kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef,
-            kl_cov_ratio=kl_cov_ratio,
-            kl_cov_coef=kl_cov_coef,
-            clip_cov_ratio=clip_cov_ratio,
-            clip_cov_lb=clip_cov_lb,
-            clip_cov_ub=clip_cov_ub,
-            tis_cap=tis_cap,
-        )
+        self.loss_config = loss
         _validate_training_args(
             advantage_std, advantage_eps, temperature, lr, weight_decay, betas, ppo_epochs, micro_batch_size,
             max_tokens_per_micro_batch, pad_to_multiple_of, vocab_chunk_tokens, max_grad_norm, export_dir,
@@ -226,7 +191,7 @@ class RLPolicyModule(pl.LightningModule):
         self._skipped_steps = 0
         if hybrid_shard_replicas < 1:
             raise ValueError(f"hybrid_shard_replicas={hybrid_shard_replicas} must be >= 1 (1 = shard over all ranks).")
-        self.advantage_std: StdScaling = advantage_std or ("none" if loss_type == "dr_grpo" else "group")
+        self.advantage_std: StdScaling = advantage_std or ("none" if loss.loss_type == "dr_grpo" else "group")
         # Typed copies of the settings the hooks read (``self.hparams`` is an untyped ``AttributeDict``); the saved
         # hyperparameters stay what checkpoints record and compare on resume.
         self.advantage_eps, self.leave_one_out, self.temperature = advantage_eps, leave_one_out, temperature
@@ -253,7 +218,7 @@ class RLPolicyModule(pl.LightningModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         reference = None
-        if beta > 0:
+        if loss.beta > 0:
             reference = load_causal_lm(model, **options).eval().requires_grad_(False)
         # Deliberately not a registered submodule: the frozen reference is rebuilt from `model`, so it stays out of
         # checkpoints, the optimizer, DDP/FSDP wrapping and the callbacks' search for the trainable HF model.
@@ -480,6 +445,7 @@ class RLPolicyModule(pl.LightningModule):
                 f"model={current['model']!r}: resuming would train the checkpoint's weights under the new name. Resume "
                 "with the checkpoint's model, or start a new run (no ckpt_path) to train the other one."
             )
+        saved, current = _flat(saved), _flat(current)
         changed = {key: (saved[key], value) for key, value in current.items() if key in saved and saved[key] != value}
         if changed:
             rank_zero_warn(
@@ -700,3 +666,14 @@ def _same_model(a: str, b: str) -> bool:
         return True
     first, second = Path(a).expanduser(), Path(b).expanduser()
     return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
+def _flat(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"loss": {"beta": 0.1}}`` -> ``{"loss.beta": 0.1}``: a changed setting is named by its config key."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
