@@ -1,6 +1,6 @@
 """``python -m experiments.ablation``: the driver (arms x seeds, resumable), and the per-run workers it spawns.
 
-    python -m experiments.ablation --out docs/ablation --seeds 0 1 2 --steps 4
+    python -m experiments.ablation --out docs/ablation/512 --seeds 0 1 2 --steps 4
 
 Runs go seed-major (every arm of seed 0, then seed 1, ...), so a partial ablation is still paired; a run with a
 ``result.json`` is skipped, so rerunning the same command continues an interrupted ablation. Arguments after a bare
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LongAct ablation: arms x seeds, each trained with `longact fit` in a subprocess and evaluated on "
         "a fixed held-out RULER set; resumable (runs with a result.json are skipped).",
     )
-    p.add_argument("--out", type=Path, default=Path("docs/ablation"), help="output directory")
+    p.add_argument("--out", type=Path, required=True, help="output directory (one per design)")
     p.add_argument("--config", default=d.config, help="base `longact fit` config")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -40,8 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--heldout-samples", type=int, default=d.heldout_samples)
     p.add_argument("--heldout-seed", type=int, default=d.heldout_seed)
+    p.add_argument("--heldout-lengths", type=int, nargs="+", default=None,
+                   help="held-out prompt budgets, e.g. the training length and 2x it (default: the training length); "
+                   "the first is each run's headline accuracy")  # fmt: skip
     p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens)
     p.add_argument("--engine", default=d.engine, choices=("vllm", "hf"))
+    p.add_argument("--precision", default=d.precision, choices=("32-true", "bf16-mixed"),
+                   help="trainer precision; the engine serves in the matching dtype")  # fmt: skip
     p.add_argument("--kvcache-gib", type=float, default=d.kvcache_gib)
     p.add_argument("--no-base", action="store_true", help="skip the base-model reference evaluation")
     p.add_argument("--keep-weights", action="store_true", help="keep each run's HF export (~0.5 GB each)")
@@ -66,8 +71,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = AblationSettings(
         config=args.config, steps=args.steps, lr=args.lr, task=args.task, target_length=args.target_length,
         prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-        heldout_samples=args.heldout_samples, heldout_seed=args.heldout_seed, eval_max_tokens=args.eval_max_tokens,
-        engine=args.engine, kvcache_gib=args.kvcache_gib, train_overrides=overrides,
+        heldout_samples=args.heldout_samples, heldout_seed=args.heldout_seed,
+        heldout_lengths=tuple(args.heldout_lengths or ()), eval_max_tokens=args.eval_max_tokens,
+        engine=args.engine, precision=args.precision, kvcache_gib=args.kvcache_gib, train_overrides=overrides,
     )  # fmt: skip
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

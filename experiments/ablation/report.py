@@ -1,9 +1,10 @@
 """The ablation's report from the ``result.json`` files present: ``results.csv``, ``results.md`` and ``ablation.png``.
 
-Per arm: the mean held-out accuracy with a 95 % t-interval over seeds; per arm against ``none``: the paired per-seed
-difference with its t-interval, the paired t-test, and the smallest difference this many seeds could detect with
-80 % power given the measured spread of the differences (the power statement: a non-significant result only rules
-out differences above it). Rebuilt after every run, and by ``--report-only`` at any time.
+For each held-out length, per arm: the mean held-out accuracy with a 95 % t-interval over seeds; per arm against
+``none``: the paired per-seed difference with its t-interval, the paired t-test, and the smallest difference this many
+seeds could detect with 80 % power given the measured spread of the differences (the power statement: a
+non-significant result only rules out differences above it). Rebuilt after every run, and by ``--report-only`` at
+any time.
 """
 
 from __future__ import annotations
@@ -35,21 +36,44 @@ def load_results(out: Path) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[
     return runs, base
 
 
-def summary_rows(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], last_k: int = 3) -> list[dict[str, Any]]:
-    """One row per arm: held-out accuracy mean ± 95 % CI, paired difference vs ``none``, final training reward."""
+def heldout_accuracy(result: Mapping[str, Any]) -> dict[int, float]:
+    """``{held-out length: accuracy %}`` of one result; results that predate ``--heldout-lengths`` scored only the
+    training length, as their ``accuracy``."""
+    if "heldout" in result:
+        return {int(length): float(e["accuracy"]) for length, e in result["heldout"].items()}
+    return {int(result["settings"]["target_length"]): float(result["accuracy"])}
+
+
+def heldout_lengths(runs: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[int]:
+    return sorted({length for by_seed in runs.values() for r in by_seed.values() for length in heldout_accuracy(r)})
+
+
+def summary_rows(
+    runs: Mapping[str, Mapping[int, Mapping[str, Any]]], length: int, last_k: int = 3
+) -> list[dict[str, Any]]:
+    """One row per arm at held-out ``length``: held-out accuracy mean ± 95 % CI, paired difference vs ``none``, final
+    training reward. Runs not scored at ``length`` are left out."""
+
+    def scores(by_seed: Mapping[int, Mapping[str, Any]]) -> dict[int, float]:
+        return {s: heldout_accuracy(r)[length] for s, r in by_seed.items() if length in heldout_accuracy(r)}
+
     rows = []
-    control = {s: r["accuracy"] for s, r in runs.get(BASELINE, {}).items()}
+    control = scores(runs.get(BASELINE, {}))
     for arm in [a for a in ARMS if a in runs] + sorted(set(runs) - set(ARMS)):
-        by_seed = runs[arm]
-        acc = mean_ci([r["accuracy"] for r in by_seed.values()])
+        accuracy = scores(runs[arm])
+        if not accuracy:
+            continue
+        by_seed = {s: runs[arm][s] for s in accuracy}
+        acc = mean_ci(list(accuracy.values()))
         final_rewards = [statistics.fmean(r["reward_curve"][-last_k:]) for r in by_seed.values() if r["reward_curve"]]
         reward = mean_ci(final_rewards) if final_rewards else None
         row: dict[str, Any] = {
+            "heldout_length": length,
             "arm": arm,
             "seeds": acc.n,
             "heldout_acc_mean": round(acc.mean, 2),
             "heldout_acc_ci95": round(acc.half_width, 2) if not math.isnan(acc.half_width) else "",
-            "per_seed": " ".join(f"{s}:{by_seed[s]['accuracy']:.1f}" for s in sorted(by_seed)),
+            "per_seed": " ".join(f"{s}:{accuracy[s]:.1f}" for s in sorted(accuracy)),
             f"reward_last{last_k}_mean": round(reward.mean, 3) if reward else "",
             f"reward_last{last_k}_ci95": (
                 round(reward.half_width, 3) if reward and not math.isnan(reward.half_width) else ""
@@ -63,7 +87,7 @@ def summary_rows(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], last_k: in
             "eval_s_mean": round(statistics.fmean(r["eval_seconds"] for r in by_seed.values()), 1),
         }
         if arm != BASELINE and control and set(control) & set(by_seed):
-            diff = paired_difference({s: r["accuracy"] for s, r in by_seed.items()}, control)
+            diff = paired_difference(accuracy, control)
             row["diff_vs_none"] = round(diff.interval.mean, 2)
             row["diff_ci95"] = "" if math.isnan(diff.interval.half_width) else round(diff.interval.half_width, 2)
             row["paired_t"] = "" if math.isnan(diff.t) else round(diff.t, 2)
@@ -82,7 +106,9 @@ def write_report(out: Path, command: str | None = None) -> list[dict[str, Any]]:
     if command is None and (out / "command.txt").is_file():
         command = (out / "command.txt").read_text().strip()
     runs, base = load_results(out)
-    rows = summary_rows(runs)
+    lengths = heldout_lengths(runs)
+    tables = {length: summary_rows(runs, length) for length in lengths}
+    rows = [row for length in lengths for row in tables[length]]
     if rows:
         with (out / "results.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -98,17 +124,37 @@ def write_report(out: Path, command: str | None = None) -> list[dict[str, Any]]:
             f"Training: `{s['config']}` with {s['steps']} steps, lr {s['lr']}, RULER `{s['task']}` at "
             f"{s['target_length']} tokens, {s['prompts_per_step']} prompts x {s['group_size']} samples per step, "
             f"{s['max_new_tokens']} new "
-            f"tokens, dynamic sampling off. Held-out: {s['heldout_samples']} records (seed {s['heldout_seed']}), "
-            f"greedy, {s['eval_max_tokens']} new tokens, engine `{s['engine']}`.",
+            f"tokens, dynamic sampling off, precision {s.get('precision', '32-true')}. Held-out: "
+            f"{s['heldout_samples']} records (seed {s['heldout_seed']}) at "
+            f"{' and '.join(map(str, lengths))} tokens, greedy, {s['eval_max_tokens']} new tokens, engine "
+            f"`{s['engine']}`.",
             "",
         ]
     if base:
-        lines += [
-            f"Base model (untrained) held-out accuracy: **{base['accuracy']:.1f} %** "
-            f"({base['heldout_records']} records).",
-            "",
-        ]
+        scored = ", ".join(f"{acc:.1f} % at {length}" for length, acc in sorted(heldout_accuracy(base).items()))
+        lines += [f"Base model (untrained) held-out accuracy: **{scored}** tokens.", ""]
+    for length in lengths:
+        lines += [f"## Held-out at {length} tokens", "", *_table(tables[length]), ""]
     lines += [
+        "CI: two-sided 95 % Student-t interval over seeds (n − 1 dof). Paired diff: per-seed accuracy(arm) −"
+        " accuracy(none) with the same seed (same prompts, sampling seed and held-out set), then the t-interval and"
+        " a paired t-test of those differences. Detectable diff: the smallest true paired difference a two-sided"
+        " paired t-test at alpha 0.05 on this many seeds detects with 80 % power, given the measured standard"
+        " deviation of the differences (noncentral t); a non-significant result rules out only differences larger"
+        " than it.",
+        "",
+        "![ablation](ablation.png)",
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(lines))
+    if runs:
+        plot(runs, base, lengths, out / "ablation.png")
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of one held-out length's :func:`summary_rows`."""
+    lines = [
         "| arm | seeds | held-out acc % (mean ± 95 % CI) | per seed | paired diff vs none (± 95 % CI) |"
         " paired t | p | detectable diff (80 % power) | final train reward (last 3 steps) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -131,26 +177,17 @@ def write_report(out: Path, command: str | None = None) -> list[dict[str, Any]]:
             f"{r['paired_t'] if r['paired_t'] != '' else '—'} | {r['p_value'] if r['p_value'] != '' else '—'} | "
             f"{r['detectable_diff_80'] if r['detectable_diff_80'] != '' else '—'} | {reward} |"
         )
-    lines += [
-        "",
-        "CI: two-sided 95 % Student-t interval over seeds (n − 1 dof). Paired diff: per-seed accuracy(arm) −"
-        " accuracy(none) with the same seed (same prompts, sampling seed and held-out set), then the t-interval and"
-        " a paired t-test of those differences. Detectable diff: the smallest true paired difference a two-sided"
-        " paired t-test at alpha 0.05 on this many seeds detects with 80 % power, given the measured standard"
-        " deviation of the differences (noncentral t); a non-significant result rules out only differences larger"
-        " than it.",
-        "",
-        "![ablation](ablation.png)",
-        "",
-    ]
-    (out / "results.md").write_text("\n".join(lines))
-    if runs:
-        plot(runs, base, out / "ablation.png")
-    return rows
+    return lines
 
 
-def plot(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], base: Mapping[str, Any] | None, path: Path) -> None:
-    """Left: ``train/reward_mean`` per step, mean over seeds with a 95 % t-band. Right: held-out accuracy per arm."""
+def plot(
+    runs: Mapping[str, Mapping[int, Mapping[str, Any]]],
+    base: Mapping[str, Any] | None,
+    lengths: list[int],
+    path: Path,
+) -> None:
+    """Left: ``train/reward_mean`` per step, mean over seeds with a 95 % t-band. Then one panel per held-out length:
+    accuracy per arm, mean ± 95 % CI with the seeds as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,7 +195,7 @@ def plot(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], base: Mapping[str,
 
     arms = [a for a in ARMS if a in runs]
     colors = {"high": "tab:red", "none": "tab:gray", "random": "tab:blue", "low": "tab:green"}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, *panels) = plt.subplots(1, 1 + len(lengths), figsize=(6 * (1 + len(lengths)), 4.5), squeeze=True)
     for arm in arms:
         curves = [r["reward_curve"] for r in runs[arm].values() if r["reward_curve"]]
         if not curves:
@@ -175,25 +212,25 @@ def plot(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], base: Mapping[str,
     left.set_ylabel("train/reward_mean (all rollouts)")
     left.set_title("Training reward: mean over seeds, 95 % t-band")
     left.legend()
-    for i, arm in enumerate(arms):
-        values = [runs[arm][s]["accuracy"] for s in sorted(runs[arm])]
-        ci = mean_ci(values)
-        right.scatter([i + 0.12] * len(values), values, color=colors.get(arm), alpha=0.6, s=18)
-        err = 0.0 if math.isnan(ci.half_width) else ci.half_width
-        right.errorbar([i], [ci.mean], yerr=[err], fmt="o", color=colors.get(arm), capsize=6, markersize=8)
-    if base:
-        label = f"base model {base['accuracy']:.1f} %"
-        right.axhline(base["accuracy"], color="black", linestyle="--", linewidth=1, label=label)
-        right.legend(loc="lower right")
-    right.set_xticks(range(len(arms)), arms)
-    right.set_xlim(-0.5, len(arms) - 0.5)
-    right.set_ylabel("held-out accuracy (%)")
-    right.set_title("Held-out accuracy: mean ± 95 % CI (dots: seeds)")
+    for right, held_out in zip(panels, lengths):
+        for i, arm in enumerate(arms):
+            values = [a[held_out] for a in map(heldout_accuracy, runs[arm].values()) if held_out in a]
+            if not values:
+                continue
+            ci = mean_ci(values)
+            right.scatter([i + 0.12] * len(values), values, color=colors.get(arm), alpha=0.6, s=18)
+            err = 0.0 if math.isnan(ci.half_width) else ci.half_width
+            right.errorbar([i], [ci.mean], yerr=[err], fmt="o", color=colors.get(arm), capsize=6, markersize=8)
+        base_accuracy = heldout_accuracy(base).get(held_out) if base else None
+        if base_accuracy is not None:
+            label = f"base model {base_accuracy:.1f} %"
+            right.axhline(base_accuracy, color="black", linestyle="--", linewidth=1, label=label)
+            right.legend(loc="lower right")
+        right.set_xticks(range(len(arms)), arms)
+        right.set_xlim(-0.5, len(arms) - 0.5)
+        right.set_ylim(0, 100)  # the same scale in every panel (the base line and legend stay clear of the data)
+        right.set_ylabel("held-out accuracy (%)")
+        right.set_title(f"Held-out at {held_out} tokens: mean ± 95 % CI (dots: seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Entry points
-# ----------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Each run is a fresh process (vLLM and torch state never leak between runs). At the end of that process the exported
 HF policy is read back from disk into the run's already-running rollout engine and scored greedily on a fixed
-held-out RULER set (a generator seed far from any training stream), which saves a second engine start per run. A run
+held-out RULER set (a generator seed far from any training stream) at one or more lengths (the training length, and
+2x it to see whether a gain carries to longer inputs), which saves a second engine start per run. A run
 writes ``<out>/<arm>_seed<k>/result.json`` last, so a run without it is redone from scratch and the ablation resumes
 by rerunning its command.
 """
@@ -38,10 +39,35 @@ DRIVER = [sys.executable, "-m", "experiments.ablation"]
 
 
 @dataclass(frozen=True)
+class HeldOut:
+    """The fixed held-out set: ``num_samples`` RULER ``task`` records per length in ``lengths``, all from generator
+    ``seed`` (so only the haystack grows with the length), decoded greedily up to ``max_tokens`` new tokens."""
+
+    task: str
+    lengths: tuple[int, ...]
+    num_samples: int
+    seed: int
+    max_tokens: int
+
+    def evaluate(self, engine: Any, tokenizer: Any, model: str) -> dict[str, dict[str, Any]]:
+        """``{str(length): result}`` (see :func:`_heldout_result`) of what ``engine`` serves, named ``model``."""
+        evaluations = {}
+        for length in self.lengths:
+            started = time.perf_counter()
+            records = list(RulerSource(self.task, length, tokenizer, num_samples=self.num_samples, seed=self.seed))
+            results = evaluate_records(engine, tokenizer, records, self.max_tokens)
+            evaluations[str(length)] = _heldout_result(model, results, started)
+        return evaluations
+
+
+@dataclass(frozen=True)
 class AblationSettings:
     """Everything that defines the ablation; written into every result so runs with different settings are not mixed.
 
-    ``train_overrides`` are extra ``longact fit`` arguments applied to every run (after the ablation's own).
+    ``heldout_lengths`` are the held-out prompt budgets (default: the training length alone); the first is the
+    run's headline ``accuracy``. ``precision`` is the trainer's (``32-true`` or ``bf16-mixed``, fp32 master weights
+    either way); the engine serves in the matching dtype, as vLLM does bf16 on GPUs. ``train_overrides`` are extra
+    ``longact fit`` arguments applied to every run (after the ablation's own).
     """
 
     config: str = DEFAULT_CONFIG
@@ -53,18 +79,28 @@ class AblationSettings:
     group_size: int = 4
     max_new_tokens: int = 24
     heldout_samples: int = 48
+    heldout_lengths: tuple[int, ...] = ()
     heldout_seed: int = HELDOUT_SEED
     eval_max_tokens: int = 32
     engine: EngineKind = "vllm"
+    precision: str = "32-true"
     kvcache_gib: float = 1.0
     train_overrides: tuple[str, ...] = ()
 
     @property
+    def heldout(self) -> HeldOut:
+        lengths = self.heldout_lengths or (self.target_length,)
+        return HeldOut(self.task, lengths, self.heldout_samples, self.heldout_seed, self.eval_max_tokens)
+
+    @property
     def engine_options(self) -> dict[str, Any]:
+        dtype = "bfloat16" if self.precision.startswith("bf16") else "float32"
         if self.engine != "vllm":
-            return {"dtype": "float32"}
-        max_len = self.target_length + max(self.max_new_tokens, self.eval_max_tokens) + 64
-        return {"dtype": "float32", "max_model_len": max_len, "kv_cache_gib": self.kvcache_gib}
+            return {"dtype": dtype}
+        # one engine serves the rollouts and every held-out length; RULER prompts stay within their budget
+        longest = max(self.target_length, *self.heldout.lengths)
+        max_len = longest + max(self.max_new_tokens, self.eval_max_tokens) + 64
+        return {"dtype": dtype, "max_model_len": max_len, "kv_cache_gib": self.kvcache_gib}
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -92,6 +128,7 @@ def train_args(settings: AblationSettings, arm: str, seed: int, run_dir: Path) -
         "--longact.seed", str(seed),
         "--seed_everything", str(seed),
         "--trainer.max_steps", str(settings.steps),
+        "--trainer.precision", settings.precision,
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.logger", json.dumps(logger),
         "--checkpoint.dirpath", str(run_dir / "checkpoints"),
@@ -124,7 +161,7 @@ def eval_args(settings: AblationSettings, model_dir: str, output: Path) -> list[
         "--model", model_dir,
         "--output", str(output),
         "--task", settings.task,
-        "--target-length", str(settings.target_length),
+        "--lengths", *map(str, settings.heldout.lengths),
         "--num-samples", str(settings.heldout_samples),
         "--seed", str(settings.heldout_seed),
         "--max-tokens", str(settings.eval_max_tokens),
@@ -155,48 +192,27 @@ def _run(cmd: list[str], log_path: Path) -> float:
 
 
 def evaluate_model(
-    model: str,
-    task: str,
-    target_length: int,
-    num_samples: int,
-    seed: int,
-    max_tokens: int,
-    engine: EngineKind = "vllm",
-    engine_options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Greedy held-out accuracy (RULER's metric, in percent) of ``model`` on ``num_samples`` records from ``seed``."""
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(model)
-    records = list(RulerSource(task, target_length, tokenizer, num_samples=num_samples, seed=seed))
+    model: str, heldout: HeldOut, engine: EngineKind = "vllm", engine_options: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Greedy held-out accuracy (RULER's metric, in percent) of ``model``, served by a new engine, per length."""
     serving = build_engine(engine, model, **dict(engine_options or {}))
-    results = evaluate_records(serving, tokenizer, records, max_tokens)
-    return _heldout_result(model, results, started)
+    return heldout.evaluate(serving, load_tokenizer(model), model)
 
 
-def evaluate_export(
-    datamodule: Any,
-    export_dir: str | Path,
-    task: str,
-    target_length: int,
-    num_samples: int,
-    seed: int,
-    max_tokens: int,
-) -> dict[str, Any]:
+def evaluate_export(datamodule: Any, export_dir: str | Path, heldout: HeldOut) -> dict[str, dict[str, Any]]:
     """Held-out accuracy of the exported HF policy, served by the run's own (already started) rollout engine.
 
     The exported safetensors are read back from ``export_dir`` and pushed into the engine (the same in-place weight
     load the trainer uses after each step, which also drops the prefix cache), so what is scored is exactly the
     exported policy, without paying for a second engine start in a fresh process.
     """
-    started = time.perf_counter()
     files = sorted(Path(export_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"No *.safetensors in {export_dir}: did the run export its policy (model.export_dir)?")
-    engine, tokenizer = datamodule.engine, datamodule.tokenizer
+    engine = datamodule.engine
     for file in files:
         engine.load_weights(load_file(str(file)).items())
-    records = list(RulerSource(task, target_length, tokenizer, num_samples=num_samples, seed=seed))
-    return _heldout_result(str(export_dir), evaluate_records(engine, tokenizer, records, max_tokens), started)
+    return heldout.evaluate(engine, datamodule.tokenizer, str(export_dir))
 
 
 def _heldout_result(model: str, results: Sequence[RecordResult], started: float) -> dict[str, Any]:
@@ -224,10 +240,17 @@ def train_eval_main(argv: Sequence[str]) -> None:
     started = time.perf_counter()
     cli = cli_main(spec["fit_args"])
     train_seconds = time.perf_counter() - started
-    result = evaluate_export(cli.datamodule, spec["export_dir"], **spec["eval"])
-    result["train_seconds"] = round(train_seconds, 1)
-    Path(spec["output"]).write_text(json.dumps(result, indent=2))
-    print(f"held-out accuracy of {spec['export_dir']}: {result['accuracy']:.2f} % on {result['records']} records")
+    heldout = HeldOut(**{**spec["eval"], "lengths": tuple(spec["eval"]["lengths"])})
+    evaluations = evaluate_export(cli.datamodule, spec["export_dir"], heldout)
+    output = {"train_seconds": round(train_seconds, 1), "heldout": evaluations}
+    Path(spec["output"]).write_text(json.dumps(output, indent=2))
+    _print_heldout(spec["export_dir"], evaluations)
+
+
+def _print_heldout(model: str, evaluations: Mapping[str, Mapping[str, Any]]) -> None:
+    for length, result in evaluations.items():
+        print(f"held-out accuracy of {model} at {length} tokens: {result['accuracy']:.2f} % on {result['records']} "
+              f"records")  # fmt: skip
 
 
 def eval_main(argv: Sequence[str]) -> None:
@@ -237,17 +260,17 @@ def eval_main(argv: Sequence[str]) -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--task", required=True)
-    parser.add_argument("--target-length", type=int, required=True)
+    parser.add_argument("--lengths", type=int, nargs="+", required=True)
     parser.add_argument("--num-samples", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--max-tokens", type=int, required=True)
     parser.add_argument("--engine", default="vllm", choices=("vllm", "hf"))
     parser.add_argument("--engine-options", default="{}")
     a = parser.parse_args(argv)
-    result = evaluate_model(a.model, a.task, a.target_length, a.num_samples, a.seed, a.max_tokens, a.engine,
-                            json.loads(a.engine_options))  # fmt: skip
-    a.output.write_text(json.dumps(result, indent=2))
-    print(f"held-out accuracy of {a.model}: {result['accuracy']:.2f} % on {result['records']} records")
+    heldout = HeldOut(a.task, tuple(a.lengths), a.num_samples, a.seed, a.max_tokens)
+    evaluations = evaluate_model(a.model, heldout, a.engine, json.loads(a.engine_options))
+    a.output.write_text(json.dumps({"heldout": evaluations}, indent=2))
+    _print_heldout(a.model, evaluations)
 
 
 def _read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -265,6 +288,17 @@ def _read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def _heldout_summary(evaluations: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A run's held-out fields: ``accuracy`` at the first length (the headline) and ``heldout`` per length."""
+    first = next(iter(evaluations.values()))
+    kept = ("accuracy", "records", "scores")
+    return {
+        "accuracy": first["accuracy"],
+        "heldout": {length: {key: e[key] for key in kept} for length, e in evaluations.items()},
+        "eval_seconds": round(sum(e["seconds"] for e in evaluations.values()), 1),
+    }
+
+
 def run_one(settings: AblationSettings, arm: str, seed: int, out: Path, keep_weights: bool = False) -> dict[str, Any]:
     """Train and evaluate one arm x seed unless ``<out>/<arm>_seed<seed>/result.json`` exists; returns the result."""
     run_dir = out / run_name(arm, seed)
@@ -278,28 +312,22 @@ def run_one(settings: AblationSettings, arm: str, seed: int, out: Path, keep_wei
     spec = {
         "fit_args": train_args(settings, arm, seed, run_dir),
         "export_dir": str(run_dir / "hf"),
-        "eval": {"task": settings.task, "target_length": settings.target_length,
-                 "num_samples": settings.heldout_samples, "seed": settings.heldout_seed,
-                 "max_tokens": settings.eval_max_tokens},
+        "eval": asdict(settings.heldout),
         "output": str(eval_path),
     }  # fmt: skip
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
     cmd = [*DRIVER, "_train_eval", "--spec", str(run_dir / "spec.json")]
     seconds = _run(cmd, run_dir / "run.log")
     evaluation = json.loads(eval_path.read_text())
-    train_seconds, eval_seconds = evaluation["train_seconds"], evaluation["seconds"]
     metrics = _read_metrics(run_dir / "logs" / "metrics.csv")
     rewards = [v for _, v in sorted(metrics.get("train/reward_mean", []))]
     result = {
         "arm": arm,
         "seed": seed,
-        "accuracy": evaluation["accuracy"],
-        "heldout_records": evaluation["records"],
-        "heldout_scores": evaluation["scores"],
+        **_heldout_summary(evaluation["heldout"]),
         "reward_curve": rewards,
         "steps_logged": len(rewards),
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
+        "train_seconds": evaluation["train_seconds"],
         "wall_seconds": round(seconds, 1),
         "settings": asdict(settings),
         "train_command": "longact " + shlex.join(train_args(settings, arm, seed, run_dir)),
@@ -322,17 +350,7 @@ def run_base(settings: AblationSettings, out: Path) -> dict[str, Any]:
     cmd = [*DRIVER, *eval_args(settings, EMBEDDED_MODEL, eval_path)]
     seconds = _run(cmd, base_dir / "run.log")
     evaluation = json.loads(eval_path.read_text())
-    result = {
-        "arm": "base",
-        "accuracy": evaluation["accuracy"],
-        "heldout_records": evaluation["records"],
-        "heldout_scores": evaluation["scores"],
-        "eval_seconds": round(seconds, 1),
-        "settings": asdict(settings),
-    }
+    result = {"arm": "base", **_heldout_summary(evaluation["heldout"]), "wall_seconds": round(seconds, 1),
+              "settings": asdict(settings)}  # fmt: skip
     result_path.write_text(json.dumps(result, indent=2))
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Report

@@ -1,6 +1,6 @@
 """The ablation driver end to end at toy scale: 2 arms x 1 seed x 1 step on the embedded SmolLM2-135M, each run a
-real ``longact fit`` subprocess that then scores its exported policy on a held-out set; then the report, and a rerun
-that skips both runs.
+real ``longact fit`` subprocess that then scores its exported policy on a held-out set at two lengths; then the
+report, and a rerun that skips both runs. And the task screen (base model per task and length).
 
 Uses the transformers engine (``--engine hf``) and tiny sizes: about 2-3 minutes on 2 idle cores (7 minutes measured
 while two other training jobs shared them). The vLLM path is what ``docs/ablation`` was produced with.
@@ -15,6 +15,7 @@ import time
 import pytest
 
 from experiments.ablation.__main__ import main
+from experiments.ablation.screen import main as screen_main
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +29,7 @@ ARGS = [
     "--group-size", "2",
     "--max-new-tokens", "8",
     "--heldout-samples", "2",
+    "--heldout-lengths", "448", "896",
     "--eval-max-tokens", "8",
     "--engine", "hf",
     "--no-base",
@@ -42,16 +44,21 @@ def test_ablation_runs_reports_and_resumes(tmp_path):
     for arm in ("high", "none"):
         result = json.loads((out / f"{arm}_seed0" / "result.json").read_text())
         assert result["arm"] == arm and result["seed"] == 0
-        assert result["heldout_records"] == 2 and len(result["heldout_scores"]) == 2
-        assert 0.0 <= result["accuracy"] <= 100.0
+        assert list(result["heldout"]) == ["448", "896"]  # the training length, then 2x
+        for evaluation in result["heldout"].values():
+            assert evaluation["records"] == 2 and len(evaluation["scores"]) == 2
+            assert evaluation["accuracy"] == 100.0 * sum(evaluation["scores"]) / 2
+        assert result["accuracy"] == result["heldout"]["448"]["accuracy"]
         assert len(result["reward_curve"]) == 1  # one optimizer step logged train/reward_mean
         assert f"--longact.mode {arm}" in result["train_command"]
         assert not (out / f"{arm}_seed0" / "hf").exists()  # weights dropped after evaluation
     with (out / "results.csv").open() as handle:
-        rows = {r["arm"]: r for r in csv.DictReader(handle)}
-    assert set(rows) == {"high", "none"} and rows["high"]["seeds"] == "1"
-    assert rows["high"]["diff_vs_none"] != ""  # one shared seed: a difference, no interval
-    assert "| high | 1 |" in (out / "results.md").read_text()
+        rows = {(r["arm"], r["heldout_length"]): r for r in csv.DictReader(handle)}
+    assert set(rows) == {("high", "448"), ("none", "448"), ("high", "896"), ("none", "896")}
+    assert rows["high", "896"]["seeds"] == "1"
+    assert rows["high", "896"]["diff_vs_none"] != ""  # one shared seed: a difference, no interval
+    report = (out / "results.md").read_text()
+    assert "## Held-out at 896 tokens" in report and report.count("| high | 1 |") == 2
     assert (out / "ablation.png").stat().st_size > 10_000
 
     # Rerunning the same command skips finished runs (their result.json is kept as is).
@@ -60,3 +67,17 @@ def test_ablation_runs_reports_and_resumes(tmp_path):
     main([*ARGS, "--out", str(out)])
     assert time.perf_counter() - started < 30
     assert (out / "high_seed0" / "result.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.timeout(300)
+def test_task_screen_scores_the_base_model_per_task_and_length(tmp_path):
+    out = tmp_path / "screen.csv"
+    rows = screen_main(["--tasks", "niah_single_1", "niah_multivalue_noise", "--lengths", "448", "--samples", "2",
+                        "--max-tokens", "8", "--engine", "hf", "--dtype", "float32", "--out", str(out)])  # fmt: skip
+    with out.open() as handle:
+        written = list(csv.DictReader(handle))
+    expected = [("niah_single_1", "448", "2"), ("niah_multivalue_noise", "448", "2")]
+    assert [(r["task"], r["length"], r["records"]) for r in written] == expected
+    assert [float(r["base_accuracy"]) for r in written] == [r["base_accuracy"] for r in rows]
+    assert rows[0]["base_accuracy"] in (0.0, 50.0, 100.0)  # one needle: each of the 2 records scores 0 or 1
+    assert 0.0 <= rows[1]["base_accuracy"] <= 100.0  # four values: partial credit

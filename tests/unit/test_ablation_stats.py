@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from experiments.ablation.report import summary_rows
+from experiments.ablation.report import heldout_accuracy, summary_rows
 from experiments.ablation.stats import detectable_difference, mean_ci, paired_difference
 
 # Two-sided 95 % critical values t_{0.975, dof} from standard tables.
@@ -88,9 +88,10 @@ def test_detectable_difference_is_undefined_without_spread_or_pairs():
     assert math.isnan(detectable_difference(0.0, 6)) and math.isnan(detectable_difference(5.0, 1))
 
 
-def _run(arm, seed, acc, curve):
-    return {"arm": arm, "seed": seed, "accuracy": acc, "reward_curve": curve, "train_seconds": 10.0,
-            "eval_seconds": 5.0}  # fmt: skip
+def _run(arm, seed, acc, curve, acc_2x=None):
+    heldout = {"512": {"accuracy": acc}} | ({"1024": {"accuracy": acc_2x}} if acc_2x is not None else {})
+    return {"arm": arm, "seed": seed, "accuracy": acc, "heldout": heldout, "reward_curve": curve,
+            "train_seconds": 10.0, "eval_seconds": 5.0, "settings": {"target_length": 512}}  # fmt: skip
 
 
 def test_summary_rows():
@@ -98,7 +99,7 @@ def test_summary_rows():
         "none": {s: _run("none", s, a, [0.5, 0.6, 0.7]) for s, a in zip((0, 1, 2), (50.0, 52.0, 54.0))},
         "high": {s: _run("high", s, a, [0.5, 0.6, 0.8]) for s, a in zip((0, 1, 2), (51.0, 55.0, 54.0))},
     }
-    rows = {r["arm"]: r for r in summary_rows(runs)}
+    rows = {r["arm"]: r for r in summary_rows(runs, 512)}
     assert list(rows) == ["high", "none"]  # ARMS order
     assert rows["none"]["heldout_acc_mean"] == 52.0
     assert rows["none"]["heldout_acc_ci95"] == pytest.approx(round(T975[2] * 2.0 / math.sqrt(3), 2))
@@ -108,3 +109,21 @@ def test_summary_rows():
     assert rows["high"]["per_seed"] == "0:51.0 1:55.0 2:54.0"
     assert rows["high"]["detectable_diff_80"] == round(detectable_difference(statistics.stdev([1.0, 3.0, 0.0]), 3), 1)
     assert rows["none"]["detectable_diff_80"] == ""
+
+
+def test_summary_rows_at_a_second_length_pair_only_the_seeds_scored_there():
+    runs = {
+        "none": {0: _run("none", 0, 50.0, [0.5], acc_2x=20.0), 1: _run("none", 1, 52.0, [0.5], acc_2x=30.0)},
+        "high": {0: _run("high", 0, 60.0, [0.5], acc_2x=26.0), 1: _run("high", 1, 61.0, [0.5])},
+    }
+    rows = {r["arm"]: r for r in summary_rows(runs, 1024)}
+    assert rows["none"]["heldout_acc_mean"] == 25.0 and rows["none"]["seeds"] == 2
+    assert rows["high"]["seeds"] == 1 and rows["high"]["per_seed"] == "0:26.0"
+    assert rows["high"]["diff_vs_none"] == 6.0 and rows["high"]["heldout_length"] == 1024
+    assert {r["arm"]: r["heldout_acc_mean"] for r in summary_rows(runs, 512)} == {"high": 60.5, "none": 51.0}
+
+
+def test_heldout_accuracy_of_a_result_scored_at_the_training_length_only():
+    # results written before --heldout-lengths existed carry only "accuracy" at settings.target_length
+    assert heldout_accuracy({"accuracy": 45.8, "settings": {"target_length": 512}}) == {512: 45.8}
+    assert heldout_accuracy(_run("high", 0, 60.0, [], acc_2x=26.0)) == {512: 60.0, 1024: 26.0}

@@ -181,7 +181,8 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_mo
 def test_resuming_refuses_another_model_and_names_changed_settings(tiny_model_dir, tmp_path):
     batch = _random_batch(seed=1)
     trainer = _trainer(1)
-    trainer.fit(RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, lr=1e-6), datamodule=_FixedBatches([batch]))
+    trained = RLPolicyModule(model=tiny_model_dir, tokenizer=TOKENIZER, lr=1e-6)
+    trainer.fit(trained, datamodule=_FixedBatches([batch]))
     ckpt = tmp_path / "step1.ckpt"
     trainer.save_checkpoint(ckpt)
     other = shutil.copytree(tiny_model_dir, tmp_path / "other")
@@ -197,6 +198,11 @@ def test_resuming_refuses_another_model_and_names_changed_settings(tiny_model_di
     saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
     assert saved["loss"] == dataclasses.asdict(LossConfig())
     assert RLPolicyModule(**saved).loss_config == LossConfig()
+    # ...and Lightning's own loader rebuilds the trained policy without a Trainer (for inference or export)
+    restored = RLPolicyModule.load_from_checkpoint(ckpt, weights_only=True)
+    assert restored.loss_config == LossConfig() and restored.lr == 1e-6
+    trained_weights = trained.policy.state_dict()
+    assert all(torch.equal(v, trained_weights[k]) for k, v in restored.policy.state_dict().items())
 
 
 def test_batches_are_pulled_only_after_the_previous_optimizer_step(tiny_model_dir):

@@ -233,7 +233,10 @@ class RLPolicyModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Shard the policy (and the reference) with FSDP2 under ``ModelParallelStrategy``; under Lightning's
         ``FSDPStrategy`` wrap the policy as the FSDP1 root, with buffers (RoPE ``inv_freq``) and gradient reduction in
-        fp32 (see ``longact_lightning.sharding``). Nothing otherwise."""
+        fp32 (see ``longact_lightning.sharding``). Nothing otherwise, and nothing without a Trainer:
+        ``load_from_checkpoint`` calls this hook to rebuild the module for inference or export, unsharded."""
+        if self._trainer is None:
+            return
         strategy = self.trainer.strategy
         if isinstance(strategy, FSDPStrategy) and fsdp1_root(self.policy) is None:
             self.policy = fsdp1_wrap(self.policy, strategy)
