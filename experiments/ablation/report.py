@@ -55,7 +55,8 @@ def summary_rows(
     training reward. Runs not scored at ``length`` are left out."""
 
     def scores(by_seed: Mapping[int, Mapping[str, Any]]) -> dict[int, float]:
-        return {s: heldout_accuracy(r)[length] for s, r in by_seed.items() if length in heldout_accuracy(r)}
+        scored = {s: heldout_accuracy(r) for s, r in by_seed.items()}
+        return {s: acc[length] for s, acc in scored.items() if length in acc}
 
     rows = []
     control = scores(runs.get(BASELINE, {}))
@@ -195,7 +196,7 @@ def plot(
 
     arms = [a for a in ARMS if a in runs]
     colors = {"high": "tab:red", "none": "tab:gray", "random": "tab:blue", "low": "tab:green"}
-    fig, (left, *panels) = plt.subplots(1, 1 + len(lengths), figsize=(6 * (1 + len(lengths)), 4.5), squeeze=True)
+    fig, (left, *panels) = plt.subplots(1, 1 + len(lengths), figsize=(6 * (1 + len(lengths)), 4.5))
     for arm in arms:
         curves = [r["reward_curve"] for r in runs[arm].values() if r["reward_curve"]]
         if not curves:
