@@ -1,7 +1,8 @@
 """The ablation's report from the ``result.json`` files present: ``results.csv``, ``results.md`` and ``ablation.png``.
 
 For each held-out length, per arm: the mean held-out accuracy with a 95 % t-interval over seeds; per arm against
-``none``: the paired per-seed difference with its t-interval, the paired t-test, and the smallest difference this many
+``none``: the paired per-seed difference with its t-interval, the paired t-test (raw and Holm-adjusted across the
+arms), and the smallest difference this many
 seeds could detect with 80 % power given the measured spread of the differences (the power statement: a
 non-significant result only rules out differences above it). Rebuilt after every run, and by ``--report-only`` at
 any time.
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from experiments.ablation.stats import detectable_difference, mean_ci, paired_difference
+from experiments.ablation.stats import detectable_difference, holm, mean_ci, paired_difference
 
 ARMS = ("high", "none", "random", "low")
 BASELINE = "none"
@@ -59,6 +60,7 @@ def summary_rows(
         return {s: acc[length] for s, acc in scored.items() if length in acc}
 
     rows = []
+    raw_p: dict[int, float] = {}  # row index -> unrounded paired p, for the Holm adjustment across arms
     control = scores(runs.get(BASELINE, {}))
     for arm in [a for a in ARMS if a in runs] + sorted(set(runs) - set(ARMS)):
         accuracy = scores(runs[arm])
@@ -83,6 +85,7 @@ def summary_rows(
             "diff_ci95": "",
             "paired_t": "",
             "p_value": "",
+            "p_holm": "",
             "detectable_diff_80": "",
             "train_s_mean": round(statistics.fmean(r["train_seconds"] for r in by_seed.values()), 1),
             "eval_s_mean": round(statistics.fmean(r["eval_seconds"] for r in by_seed.values()), 1),
@@ -93,9 +96,12 @@ def summary_rows(
             row["diff_ci95"] = "" if math.isnan(diff.interval.half_width) else round(diff.interval.half_width, 2)
             row["paired_t"] = "" if math.isnan(diff.t) else round(diff.t, 2)
             row["p_value"] = "" if math.isnan(diff.p_value) else round(diff.p_value, 3)
+            raw_p[len(rows)] = diff.p_value
             detectable = detectable_difference(diff.interval.sd, diff.interval.n)
             row["detectable_diff_80"] = "" if math.isnan(detectable) else round(detectable, 1)
         rows.append(row)
+    for index, adjusted in zip(raw_p, holm(list(raw_p.values())), strict=True):
+        rows[index]["p_holm"] = "" if math.isnan(adjusted) else round(adjusted, 3)
     return rows
 
 
@@ -139,10 +145,11 @@ def write_report(out: Path, command: str | None = None) -> list[dict[str, Any]]:
     lines += [
         "CI: two-sided 95 % Student-t interval over seeds (n − 1 dof). Paired diff: per-seed accuracy(arm) −"
         " accuracy(none) with the same seed (same prompts, sampling seed and held-out set), then the t-interval and"
-        " a paired t-test of those differences. Detectable diff: the smallest true paired difference a two-sided"
-        " paired t-test at alpha 0.05 on this many seeds detects with 80 % power, given the measured standard"
-        " deviation of the differences (noncentral t); a non-significant result rules out only differences larger"
-        " than it.",
+        " a paired t-test of those differences. p (Holm): the p-values of one length's arms adjusted together for"
+        " the several comparisons (Holm step-down), the ones to hold against 0.05. Detectable diff: the smallest"
+        " true paired difference a two-sided paired t-test at alpha 0.05 on this many seeds detects with 80 % power,"
+        " given the measured standard deviation of the differences (noncentral t); a non-significant result rules"
+        " out only differences larger than it.",
         "",
         "![ablation](ablation.png)",
         "",
@@ -157,8 +164,8 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     """The markdown table of one held-out length's :func:`summary_rows`."""
     lines = [
         "| arm | seeds | held-out acc % (mean ± 95 % CI) | per seed | paired diff vs none (± 95 % CI) |"
-        " paired t | p | detectable diff (80 % power) | final train reward (last 3 steps) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " paired t | p | p (Holm) | detectable diff (80 % power) | final train reward (last 3 steps) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ci = f" ± {r['heldout_acc_ci95']:.1f}" if r["heldout_acc_ci95"] != "" else ""
@@ -176,6 +183,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['arm']} | {r['seeds']} | {r['heldout_acc_mean']:.1f}{ci} | {r['per_seed']} | {diff or '—'} | "
             f"{r['paired_t'] if r['paired_t'] != '' else '—'} | {r['p_value'] if r['p_value'] != '' else '—'} | "
+            f"{r['p_holm'] if r['p_holm'] != '' else '—'} | "
             f"{r['detectable_diff_80'] if r['detectable_diff_80'] != '' else '—'} | {reward} |"
         )
     return lines

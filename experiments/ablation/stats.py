@@ -83,6 +83,23 @@ def paired_difference(
     return PairedDifference(keys, diffs, interval, t, p)
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values from tests run together (here: each arm against the baseline), in the
+    input order; NaNs are neither adjusted nor counted.
+
+    The i-th smallest of m p-values becomes ``max_{j <= i} min(1, (m - j + 1) · p_(j))``; rejecting where the adjusted
+    value is below alpha keeps the chance of any false rejection among the m tests at most alpha, which the raw
+    p-values of several comparisons do not.
+    """
+    order = sorted((i for i, p in enumerate(p_values) if not math.isnan(p)), key=lambda i: p_values[i])
+    adjusted = [float(p) for p in p_values]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * float(p_values[i])))
+        adjusted[i] = running
+    return adjusted
+
+
 def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
     """The smallest true mean difference a two-sided paired t-test on ``n`` pairs detects with probability ``power``.
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.ablation.report import heldout_accuracy, summary_rows
-from experiments.ablation.stats import detectable_difference, mean_ci, paired_difference
+from experiments.ablation.stats import detectable_difference, holm, mean_ci, paired_difference
 
 # Two-sided 95 % critical values t_{0.975, dof} from standard tables.
 T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 9: 2.262157, 11: 2.200985, 30: 2.042272}
@@ -78,6 +78,16 @@ def test_detectable_difference_has_the_stated_power(n):
     assert delta > (1.959964 + 0.841621) * sd / math.sqrt(n)
 
 
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04 -> 3 * 0.01, 2 * 0.03, max(0.06, 1 * 0.04): returned in the input order
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    # NaN (an arm with one seed) is neither adjusted nor counted: m = 2; adjusted values are capped at 1
+    adjusted = holm([0.2, math.nan, 0.6])
+    assert adjusted[0] == pytest.approx(0.4) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.6)
+    assert holm([0.6, 0.7]) == [1.0, 1.0]
+    assert holm([]) == []
+
+
 def test_detectable_difference_with_two_pairs():
     # 2 seeds (1 dof), the spread of a partial ablation: the bracket passes tails where scipy's nct.cdf gave NaN
     delta = detectable_difference(4.419417382415921, 2)
@@ -98,9 +108,10 @@ def test_summary_rows():
     runs = {
         "none": {s: _run("none", s, a, [0.5, 0.6, 0.7]) for s, a in zip((0, 1, 2), (50.0, 52.0, 54.0))},
         "high": {s: _run("high", s, a, [0.5, 0.6, 0.8]) for s, a in zip((0, 1, 2), (51.0, 55.0, 54.0))},
+        "low": {s: _run("low", s, a, [0.5, 0.5, 0.5]) for s, a in zip((0, 1, 2), (49.0, 50.0, 53.0))},
     }
     rows = {r["arm"]: r for r in summary_rows(runs, 512)}
-    assert list(rows) == ["high", "none"]  # ARMS order
+    assert list(rows) == ["high", "none", "low"]  # ARMS order
     assert rows["none"]["heldout_acc_mean"] == 52.0
     assert rows["none"]["heldout_acc_ci95"] == pytest.approx(round(T975[2] * 2.0 / math.sqrt(3), 2))
     assert rows["none"]["diff_vs_none"] == ""
@@ -109,6 +120,12 @@ def test_summary_rows():
     assert rows["high"]["per_seed"] == "0:51.0 1:55.0 2:54.0"
     assert rows["high"]["detectable_diff_80"] == round(detectable_difference(statistics.stdev([1.0, 3.0, 0.0]), 3), 1)
     assert rows["none"]["detectable_diff_80"] == ""
+    # the two comparisons against none are adjusted together
+    raw = [paired_difference(a, {0: 50.0, 1: 52.0, 2: 54.0}).p_value for a in ({0: 51.0, 1: 55.0, 2: 54.0},
+                                                                            {0: 49.0, 1: 50.0, 2: 53.0})]  # fmt: skip
+    assert [rows["high"]["p_value"], rows["low"]["p_value"]] == [round(p, 3) for p in raw]
+    assert [rows["high"]["p_holm"], rows["low"]["p_holm"]] == [round(p, 3) for p in holm(raw)]
+    assert rows["none"]["p_holm"] == ""
 
 
 def test_summary_rows_at_a_second_length_pair_only_the_seeds_scored_there():
