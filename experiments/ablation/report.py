@@ -45,6 +45,21 @@ def heldout_accuracy(result: Mapping[str, Any]) -> dict[int, float]:
     return {int(result["settings"]["target_length"]): float(result["accuracy"])}
 
 
+def machines(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], base: Mapping[str, Any] | None) -> dict[str, str]:
+    """``{machine: "arm: seeds ..."}``, which runs ran on which machine (results written before the driver recorded
+    it are under ``"not recorded"``). Kernels round differently on different CPUs, so a seed's arms should share
+    one: the report lists the machines so that a mixed ablation shows."""
+    seeds: dict[str, dict[str, list[int]]] = {}
+    for arm, by_seed in [*runs.items(), *([("base", {0: base})] if base else [])]:
+        for seed, result in sorted(by_seed.items()):
+            seeds.setdefault(result.get("machine", "not recorded"), {}).setdefault(arm, []).append(seed)
+
+    def listed(arm: str, arm_seeds: list[int]) -> str:
+        return arm if arm == "base" else f"{arm}: seeds {' '.join(map(str, arm_seeds))}"
+
+    return {machine: "; ".join(listed(*item) for item in by_arm.items()) for machine, by_arm in seeds.items()}
+
+
 def heldout_lengths(runs: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[int]:
     return sorted({length for by_seed in runs.values() for r in by_seed.values() for length in heldout_accuracy(r)})
 
@@ -140,6 +155,7 @@ def write_report(out: Path, command: str | None = None) -> list[dict[str, Any]]:
     if base:
         scored = ", ".join(f"{acc:.1f} % at {length}" for length, acc in sorted(heldout_accuracy(base).items()))
         lines += [f"Base model (untrained) held-out accuracy: **{scored}** tokens.", ""]
+    lines += ["Machines:", "", *(f"- {machine}: {which}" for machine, which in machines(runs, base).items()), ""]
     for length in lengths:
         lines += [f"## Held-out at {length} tokens", "", *_table(tables[length]), ""]
     lines += [

@@ -27,6 +27,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from benchmarks._machine import machine_line
 from longact_lightning.cli import cli_main
 from longact_lightning.data.ruler import RulerSource
 from longact_lightning.data.scoring import RecordResult, evaluate_records
@@ -329,6 +330,7 @@ def run_one(settings: AblationSettings, arm: str, seed: int, out: Path, keep_wei
         "steps_logged": len(rewards),
         "train_seconds": evaluation["train_seconds"],
         "wall_seconds": round(seconds, 1),
+        "machine": machine_line(),
         "settings": asdict(settings),
         "train_command": "longact " + shlex.join(train_args(settings, arm, seed, run_dir)),
     }
@@ -351,6 +353,6 @@ def run_base(settings: AblationSettings, out: Path) -> dict[str, Any]:
     seconds = _run(cmd, base_dir / "run.log")
     evaluation = json.loads(eval_path.read_text())
     result = {"arm": "base", **_heldout_summary(evaluation["heldout"]), "wall_seconds": round(seconds, 1),
-              "settings": asdict(settings)}  # fmt: skip
+              "machine": machine_line(), "settings": asdict(settings)}  # fmt: skip
     result_path.write_text(json.dumps(result, indent=2))
     return result

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from benchmarks._machine import machine_line
 from experiments.ablation.__main__ import main
 from experiments.ablation.screen import main as screen_main
 
@@ -52,6 +53,7 @@ def test_ablation_runs_reports_and_resumes(tmp_path):
         assert len(result["reward_curve"]) == 1  # one optimizer step logged train/reward_mean
         assert f"--longact.mode {arm}" in result["train_command"]
         assert not (out / f"{arm}_seed0" / "hf").exists()  # weights dropped after evaluation
+        assert result["machine"] == machine_line()
     with (out / "results.csv").open() as handle:
         rows = {(r["arm"], r["heldout_length"]): r for r in csv.DictReader(handle)}
     assert set(rows) == {("high", "448"), ("none", "448"), ("high", "896"), ("none", "896")}
@@ -59,6 +61,7 @@ def test_ablation_runs_reports_and_resumes(tmp_path):
     assert rows["high", "896"]["diff_vs_none"] != ""  # one shared seed: a difference, no interval
     report = (out / "results.md").read_text()
     assert "## Held-out at 896 tokens" in report and report.count("| high | 1 |") == 2
+    assert f"- {machine_line()}: high: seeds 0; none: seeds 0" in report
     assert (out / "ablation.png").stat().st_size > 10_000
 
     # Rerunning the same command skips finished runs (their result.json is kept as is).

@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from experiments.ablation.report import heldout_accuracy, summary_rows
+from experiments.ablation.report import heldout_accuracy, machines, summary_rows
 from experiments.ablation.stats import detectable_difference, holm, mean_ci, paired_difference
 
 # Two-sided 95 % critical values t_{0.975, dof} from standard tables.
@@ -144,3 +144,17 @@ def test_heldout_accuracy_of_a_result_scored_at_the_training_length_only():
     # results written before --heldout-lengths existed carry only "accuracy" at settings.target_length
     assert heldout_accuracy({"accuracy": 45.8, "settings": {"target_length": 512}}) == {512: 45.8}
     assert heldout_accuracy(_run("high", 0, 60.0, [], acc_2x=26.0)) == {512: 60.0, 1024: 26.0}
+
+
+def test_machines_lists_which_runs_ran_where():
+    xeon, epyc = "2 cores (Xeon, amx_bf16)", "2 cores (EPYC, no bf16 instructions)"
+    runs = {
+        "high": {0: {**_run("high", 0, 60.0, []), "machine": xeon}, 1: {**_run("high", 1, 61.0, []), "machine": xeon}},
+        "low": {0: _run("low", 0, 50.0, []), 1: {**_run("low", 1, 52.0, []), "machine": epyc}},
+    }
+    assert machines(runs, {"arm": "base", "machine": xeon}) == {
+        xeon: "high: seeds 0 1; base",
+        "not recorded": "low: seeds 0",
+        epyc: "low: seeds 1",
+    }
+    assert machines({}, None) == {}

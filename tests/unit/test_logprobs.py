@@ -158,7 +158,9 @@ def test_grouped_with_a_one_token_prompt_is_the_plain_computation():
     mask = torch.ones_like(ids)
     grouped, _ = grouped_completion_logprobs(model, ids, mask, C, torch.tensor([0, 0]))
     plain, _ = completion_logprobs(model, ids, mask, C)
-    assert torch.equal(grouped, plain)
+    # Equal up to rounding: the two paths multiply matrices of different shapes, which AVX2 kernels block (and so
+    # round) differently; an off-by-one position would differ by ~0.1.
+    torch.testing.assert_close(grouped, plain, rtol=1e-6, atol=1e-6)
 
 
 def test_grouped_falls_back_to_plain_for_attention_without_4d_masks(monkeypatch):
