@@ -2,10 +2,9 @@
 
 For each held-out length, per arm: the mean held-out accuracy with a 95 % t-interval over seeds; per arm against
 ``none``: the paired per-seed difference with its t-interval, the paired t-test (raw and Holm-adjusted across the
-arms), and the smallest difference this many
-seeds could detect with 80 % power given the measured spread of the differences (the power statement: a
-non-significant result only rules out differences above it). Rebuilt after every run, and by ``--report-only`` at
-any time.
+arms), and the smallest difference this many seeds could detect with 80 % power given the measured spread of the
+differences (the power statement: a non-significant result only rules out differences above it); and which machine
+each run ran on. Rebuilt after every run, and by ``--report-only`` at any time.
 """
 
 from __future__ import annotations
