@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.ablation.report import ARMS, write_report
+from experiments.ablation.report import ARMS, record_command, write_report
 from experiments.ablation.runs import AblationSettings, eval_main, run_base, run_name, run_one, train_eval_main
 
 
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     full_argv = [*argv, *(["--", *overrides] if overrides else [])]
     command = None if args.report_only else "python -m experiments.ablation " + shlex.join(full_argv)
     if command:
-        (out / "command.txt").write_text(command + "\n")
+        record_command(out, command)
     if not args.report_only:
         started = time.perf_counter()
         if not args.no_base:
@@ -101,10 +101,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     continue
                 status = "skipped (result.json exists)" if existed else f"done in {time.perf_counter() - t0:.0f} s"
                 print(f"[ablation] {run_name(arm, seed)}: held-out {result['accuracy']:.1f} %, {status}", flush=True)
-                write_report(out, command)
+                write_report(out)
         elapsed = time.perf_counter() - started
         print(f"[ablation] finished in {elapsed:.0f} s; failed runs: {failed or 'none'}", flush=True)
-    rows = write_report(out, command)
+    rows = write_report(out)
     for row in rows:
         print(row)
     if not args.report_only and failed:

@@ -3,17 +3,18 @@
 For each held-out length, per arm: the mean held-out accuracy with a 95 % t-interval over seeds; per arm against
 ``none``: the paired per-seed difference with its t-interval, the paired t-test (raw and Holm-adjusted across the
 arms), and the smallest difference this many seeds could detect with 80 % power given the measured spread of the
-differences (the power statement: a non-significant result only rules out differences above it); and which machine
-each run ran on. Rebuilt after every run, and by ``--report-only`` at any time.
+differences (the power statement: a non-significant result only rules out differences above it); which machine
+each run ran on, and any setting not shared by all runs. Rebuilt after every run, and by ``--report-only`` at any time.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +45,49 @@ def heldout_accuracy(result: Mapping[str, Any]) -> dict[int, float]:
     return {int(result["settings"]["target_length"]): float(result["accuracy"])}
 
 
-def machines(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], base: Mapping[str, Any] | None) -> dict[str, str]:
-    """``{machine: "arm: seeds ..."}``, which runs ran on which machine (results written before the driver recorded
-    it are under ``"not recorded"``). Kernels round differently on different CPUs, so a seed's arms should share
-    one: the report lists the machines so that a mixed ablation shows."""
+def grouped(
+    runs: Mapping[str, Mapping[int, Mapping[str, Any]]],
+    base: Mapping[str, Any] | None,
+    label: Callable[[Mapping[str, Any]], str],
+) -> dict[str, str]:
+    """``{label(result): "arm: seeds ...; ..."}`` over every run and the base model: which runs share a label."""
     seeds: dict[str, dict[str, list[int]]] = {}
     for arm, by_seed in [*runs.items(), *([("base", {0: base})] if base else [])]:
         for seed, result in sorted(by_seed.items()):
-            seeds.setdefault(result.get("machine", "not recorded"), {}).setdefault(arm, []).append(seed)
+            seeds.setdefault(label(result), {}).setdefault(arm, []).append(seed)
 
     def listed(arm: str, arm_seeds: list[int]) -> str:
         return arm if arm == "base" else f"{arm}: seeds {' '.join(map(str, arm_seeds))}"
 
-    return {machine: "; ".join(listed(*item) for item in by_arm.items()) for machine, by_arm in seeds.items()}
+    return {key: "; ".join(listed(*item) for item in by_arm.items()) for key, by_arm in seeds.items()}
+
+
+def machines(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], base: Mapping[str, Any] | None) -> dict[str, str]:
+    """``{machine: "arm: seeds ..."}``, which runs ran on which machine (results written before the driver recorded
+    it are under ``"not recorded"``). Kernels round differently on different CPUs, so a seed's arms should share
+    one: the report lists the machines so that a mixed ablation shows."""
+    return grouped(runs, base, lambda result: result.get("machine", "not recorded"))
+
+
+def differing_settings(
+    runs: Mapping[str, Mapping[int, Mapping[str, Any]]], base: Mapping[str, Any] | None
+) -> dict[str, dict[str, str]]:
+    """``{setting: {value: "arm: seeds ..."}}`` for every setting that is not the same in all runs (and the base).
+
+    The tables pool all runs of an arm, so a design finished under a changed setting (say another precision on a
+    machine without bf16 units) must say so where its numbers are; values are shown as JSON.
+    """
+    results = [r for by_seed in runs.values() for r in by_seed.values()] + ([base] if base else [])
+    keys = sorted({key for r in results for key in r["settings"]})
+    differing = {}
+    for key in keys:
+        if len({json.dumps(r["settings"].get(key)) for r in results}) > 1:
+            differing[key] = grouped(runs, base, functools.partial(_setting, key))
+    return differing
+
+
+def _setting(key: str, result: Mapping[str, Any]) -> str:
+    return json.dumps(result["settings"].get(key))
 
 
 def heldout_lengths(runs: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[int]:
@@ -119,13 +150,20 @@ def summary_rows(
     return rows
 
 
-def write_report(out: Path, command: str | None = None) -> list[dict[str, Any]]:
-    """``results.csv``, ``results.md`` and ``ablation.png`` from the results present under ``out``.
+def record_command(out: Path, command: str) -> None:
+    """Append ``command`` to ``<out>/command.txt`` unless it is there already: a design resumed or finished with other
+    arguments (other seeds, another precision) lists every command that wrote runs into it, in order."""
+    path = out / "command.txt"
+    commands = path.read_text().splitlines() if path.is_file() else []
+    if command not in commands:
+        path.write_text("\n".join([*commands, command]) + "\n")
 
-    ``command`` (default: the one saved in ``<out>/command.txt`` by the last run) is quoted in ``results.md``.
-    """
-    if command is None and (out / "command.txt").is_file():
-        command = (out / "command.txt").read_text().strip()
+
+def write_report(out: Path) -> list[dict[str, Any]]:
+    """``results.csv``, ``results.md`` and ``ablation.png`` from the results present under ``out``, quoting the
+    commands in ``<out>/command.txt``."""
+    path = out / "command.txt"
+    commands = [line for line in path.read_text().splitlines() if line] if path.is_file() else []
     runs, base = load_results(out)
     lengths = heldout_lengths(runs)
     tables = {length: summary_rows(runs, length) for length in lengths}
@@ -136,11 +174,13 @@ def write_report(out: Path, command: str | None = None) -> list[dict[str, Any]]:
             writer.writeheader()
             writer.writerows(rows)
     lines = ["# LongAct ablation: results", ""]
-    if command:
-        lines += ["Command:", "", f"    {command}", ""]
+    if commands:
+        lines += ["Command:" if len(commands) == 1 else "Commands, in the order they were run:", ""]
+        lines += [*(f"    {command}" for command in commands), ""]
     any_run = next((r for by_seed in runs.values() for r in by_seed.values()), None)
+    differing = differing_settings(runs, base)
     if any_run:
-        s = any_run["settings"]
+        s = {**any_run["settings"], **dict.fromkeys(differing, "(differs, see below)")}
         lines += [
             f"Training: `{s['config']}` with {s['steps']} steps, lr {s['lr']}, RULER `{s['task']}` at "
             f"{s['target_length']} tokens, {s['prompts_per_step']} prompts x {s['group_size']} samples per step, "
@@ -155,6 +195,9 @@ def write_report(out: Path, command: str | None = None) -> list[dict[str, Any]]:
         scored = ", ".join(f"{acc:.1f} % at {length}" for length, acc in sorted(heldout_accuracy(base).items()))
         lines += [f"Base model (untrained) held-out accuracy: **{scored}** tokens.", ""]
     lines += ["Machines:", "", *(f"- {machine}: {which}" for machine, which in machines(runs, base).items()), ""]
+    for key, by_value in differing.items():
+        lines += [f"Runs by `{key}` (not the same in all runs; the tables pool them):", ""]
+        lines += [*(f"- `{value}`: {which}" for value, which in by_value.items()), ""]
     for length in lengths:
         lines += [f"## Held-out at {length} tokens", "", *_table(tables[length]), ""]
     lines += [

@@ -63,7 +63,7 @@ class HeldOut:
 
 @dataclass(frozen=True)
 class AblationSettings:
-    """Everything that defines the ablation; written into every result so runs with different settings are not mixed.
+    """Everything that defines the ablation; written into every result, so the report names any that differs.
 
     ``heldout_lengths`` are the held-out prompt budgets (default: the training length alone); the first is the
     run's headline ``accuracy``. ``precision`` is the trainer's (``32-true`` or ``bf16-mixed``, fp32 master weights

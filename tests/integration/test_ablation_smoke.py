@@ -1,6 +1,7 @@
 """The ablation driver end to end at toy scale: 2 arms x 1 seed x 1 step on the embedded SmolLM2-135M, each run a
 real ``longact fit`` subprocess that then scores its exported policy on a held-out set at two lengths; then the
-report, and a rerun that skips both runs. And the task screen (base model per task and length).
+report, a rerun that skips both runs, and the command log of a design continued with other arguments. And the
+task screen (base model per task and length).
 
 Uses the transformers engine (``--engine hf``) and tiny sizes: about 2-3 minutes on 2 idle cores (7 minutes measured
 while two other training jobs shared them). The vLLM path is what ``docs/ablation`` was produced with.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import time
 
 import pytest
@@ -70,6 +72,13 @@ def test_ablation_runs_reports_and_resumes(tmp_path):
     main([*ARGS, "--out", str(out)])
     assert time.perf_counter() - started < 30
     assert (out / "high_seed0" / "result.json").stat().st_mtime_ns == stamp
+    # The same command is recorded once; a design continued with other arguments lists both, in order.
+    command = "python -m experiments.ablation " + shlex.join([*ARGS, "--out", str(out)])
+    assert (out / "command.txt").read_text() == command + "\n"
+    main([*ARGS, "--arms", "high", "--out", str(out)])
+    report = (out / "results.md").read_text()
+    assert (out / "command.txt").read_text().splitlines() == [command, command.replace(" --out", " --arms high --out")]
+    assert f"Commands, in the order they were run:\n\n    {command}\n    " in report
 
 
 @pytest.mark.timeout(300)

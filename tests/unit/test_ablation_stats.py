@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from experiments.ablation.report import heldout_accuracy, machines, summary_rows
+from experiments.ablation.report import differing_settings, heldout_accuracy, machines, summary_rows
 from experiments.ablation.stats import detectable_difference, holm, mean_ci, paired_difference
 
 # Two-sided 95 % critical values t_{0.975, dof} from standard tables.
@@ -158,3 +158,28 @@ def test_machines_lists_which_runs_ran_where():
         epyc: "low: seeds 1",
     }
     assert machines({}, None) == {}
+
+
+def test_differing_settings_names_each_value_and_its_runs():
+    def with_precision(arm, seed, precision):
+        run = _run(arm, seed, 50.0, [])
+        return {**run, "settings": {**run["settings"], "precision": precision}}
+
+    runs = {
+        "high": {0: with_precision("high", 0, "bf16-mixed"), 1: with_precision("high", 1, "32-true")},
+        "low": {1: with_precision("low", 1, "32-true")},
+    }
+    base = {"arm": "base", "settings": {"target_length": 512, "precision": "bf16-mixed"}}
+    # target_length is shared by all, so only precision is listed; values as JSON
+    assert differing_settings(runs, base) == {
+        "precision": {'"bf16-mixed"': "high: seeds 0; base", '"32-true"': "high: seeds 1; low: seeds 1"}
+    }
+    # a key that only some results carry differs too (null where it is missing)
+    runs["low"][1]["settings"].pop("precision")
+    assert differing_settings(runs, None)["precision"] == {
+        '"bf16-mixed"': "high: seeds 0",
+        '"32-true"': "high: seeds 1",
+        "null": "low: seeds 1",
+    }
+    same = {"high": {0: with_precision("high", 0, "32-true")}, "none": {0: with_precision("none", 0, "32-true")}}
+    assert differing_settings(same, None) == {}
