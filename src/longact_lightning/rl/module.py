@@ -316,7 +316,11 @@ class RLPolicyModule(pl.LightningModule):
     def _held_out_log(self, stage: str) -> None:
         """Log ``<stage>/<task>/score`` (percent, as ``longact eval`` reports) over all ranks' records, and their mean
         over tasks as ``<stage>/score``. Every rank computes the same metrics in the same order (each ``compute`` is a
-        collective), so a task that only other ranks saw is computed here too, from empty states."""
+        collective), so a task that only other ranks saw is computed here too, from empty states.
+
+        The computed scores are equal on every rank; they are logged with ``sync_dist`` and ``reduce_fx="max"``, which
+        leaves an equal value unchanged bit for bit (a mean over ranks would round) and tells Lightning the value is
+        synchronised."""
         keys = [key for key in self._held_out_scores if key.startswith(f"{stage}/")]
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
             gathered: list[list[str] | None] = [None] * self.trainer.world_size
@@ -327,10 +331,10 @@ class RLPolicyModule(pl.LightningModule):
             metric = self._held_out_scores.setdefault(key, MeanMetric().to(self.device))
             score = metric.compute()
             metric.reset()
-            self.log(f"{key}/score", score, on_epoch=True)  # already over all ranks
+            self.log(f"{key}/score", score, on_epoch=True, sync_dist=True, reduce_fx="max")
             scores.append(score)
         if scores:
-            self.log(f"{stage}/score", torch.stack(scores).mean(), on_epoch=True)
+            self.log(f"{stage}/score", torch.stack(scores).mean(), on_epoch=True, sync_dist=True, reduce_fx="max")
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
